@@ -1,0 +1,66 @@
+"""reskit: in-process resilience for Python services."""
+
+from __future__ import annotations
+
+from ._context import (
+    bind_correlation_id,
+    correlation_id,
+    new_correlation_id,
+    remaining_deadline,
+    valid_correlation_id,
+)
+from ._decorators import bulkhead, circuit_breaker, fallback, retry, timeout
+from ._errors import (
+    BulkheadFull,
+    CircuitOpen,
+    IdempotencyConflict,
+    IdempotencyMismatch,
+    KillSwitchOff,
+    Rejected,
+    ReskitError,
+    RetryBudgetExhausted,
+    Shed,
+    Throttled,
+    TimeoutExceeded,
+)
+from ._fallback import Fallback
+from ._policy import Policy
+from ._retry import Retry, RetryBudget
+from ._telemetry import configure_telemetry
+
+__all__ = [
+    "BulkheadFull",
+    "CircuitOpen",
+    "Fallback",
+    "IdempotencyConflict",
+    "IdempotencyMismatch",
+    "KillSwitchOff",
+    "Policy",
+    "Rejected",
+    "ReskitError",
+    "Retry",
+    "RetryBudget",
+    "RetryBudgetExhausted",
+    "Shed",
+    "Throttled",
+    "TimeoutExceeded",
+    "bind_correlation_id",
+    "bulkhead",
+    "circuit_breaker",
+    "configure_telemetry",
+    "correlation_id",
+    "fallback",
+    "new_correlation_id",
+    "remaining_deadline",
+    "retry",
+    "timeout",
+    "valid_correlation_id",
+]
+
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("reskit")
+    raise AttributeError(f"module 'reskit' has no attribute {name!r}")

@@ -1,0 +1,106 @@
+"""Per-call context: the correlation ID and the propagated deadline.
+
+Both live in context variables, so they follow a request through ``await``,
+``asyncio.create_task`` and (because reskit copies the context into its worker
+threads) through sync timeouts, and never leak from one request to the next.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import structlog
+
+from . import _clock
+
+__all__ = [
+    "CORRELATION_ID_PATTERN",
+    "bind_correlation_id",
+    "correlation_id",
+    "new_correlation_id",
+    "remaining_deadline",
+    "valid_correlation_id",
+]
+
+#: What a correlation ID received from outside must look like to be trusted.
+CORRELATION_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+_correlation_id: ContextVar[str | None] = ContextVar("reskit_correlation_id", default=None)
+# Absolute time on reskit's monotonic clock by which the current call must end.
+_deadline: ContextVar[float | None] = ContextVar("reskit_deadline", default=None)
+
+
+def correlation_id() -> str | None:
+    """Return the correlation ID bound to the current context, if any.
+
+    .. versionadded:: 0.1.0
+    """
+    return _correlation_id.get()
+
+
+def new_correlation_id() -> str:
+    """Return a fresh random correlation ID (32 hex characters).
+
+    .. versionadded:: 0.1.0
+    """
+    return os.urandom(16).hex()
+
+
+def valid_correlation_id(value: object) -> bool:
+    """Return whether ``value`` is safe to adopt as a correlation ID.
+
+    Only ``[A-Za-z0-9._-]{1,128}`` passes, so header injection, control
+    characters, markup and oversized values never reach logs or responses.
+
+    .. versionadded:: 0.1.0
+    """
+    return isinstance(value, str) and CORRELATION_ID_PATTERN.fullmatch(value) is not None
+
+
+@contextmanager
+def bind_correlation_id(value: str | None = None) -> Iterator[str]:
+    """Bind a correlation ID for the duration of a ``with`` block.
+
+    The ID is visible to :func:`correlation_id`, recorded on reskit's spans and
+    bound into structlog's context variables as ``correlation_id``. ``None``
+    generates a new ID. An ID that does not match ``[A-Za-z0-9._-]{1,128}``
+    raises :class:`ValueError`; use :func:`valid_correlation_id` to check
+    untrusted input first. Yields the bound ID.
+
+    .. versionadded:: 0.1.0
+    """
+    if value is None:
+        value = new_correlation_id()
+    elif not valid_correlation_id(value):
+        raise ValueError(
+            "a correlation ID must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' or '-'; "
+            "generate one with reskit.new_correlation_id() instead of passing this value"
+        )
+    token = _correlation_id.set(value)
+    log_tokens = structlog.contextvars.bind_contextvars(correlation_id=value)
+    try:
+        yield value
+    finally:
+        structlog.contextvars.reset_contextvars(**log_tokens)
+        _correlation_id.reset(token)
+
+
+def remaining_deadline() -> float | None:
+    """Return the seconds left before the innermost deadline, or ``None``.
+
+    Inside a policy with ``deadline=`` (or ``timeout=``, which bounds each
+    attempt), this is what is left of the tighter of the two; it never goes
+    below ``0.0``. Code that does I/O (the httpx transport, Redis calls) should
+    honour it.
+
+    .. versionadded:: 0.1.0
+    """
+    deadline = _deadline.get()
+    if deadline is None:
+        return None
+    left = deadline - _clock.now()
+    return left if left > 0.0 else 0.0

@@ -1,0 +1,193 @@
+"""The exceptions reskit raises.
+
+Everything reskit raises on its own account derives from :class:`ReskitError`::
+
+    ReskitError
+    ├── TimeoutExceeded        (also a builtin TimeoutError)
+    ├── Rejected               a call refused before it ran; never retried
+    │   ├── CircuitOpen
+    │   ├── BulkheadFull
+    │   ├── KillSwitchOff
+    │   ├── Shed
+    │   ├── Throttled
+    │   └── RetryBudgetExhausted
+    ├── IdempotencyConflict
+    └── IdempotencyMismatch
+
+Exceptions raised by the protected function itself pass through unchanged: after
+the last retry the last exception is re-raised with a note, never wrapped.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "BulkheadFull",
+    "CircuitOpen",
+    "IdempotencyConflict",
+    "IdempotencyMismatch",
+    "KillSwitchOff",
+    "Rejected",
+    "ReskitError",
+    "RetryBudgetExhausted",
+    "Shed",
+    "Throttled",
+    "TimeoutExceeded",
+]
+
+
+class ReskitError(Exception):
+    """Base class of every exception reskit raises itself.
+
+    Attributes:
+        policy: the name of the policy that raised it, or ``None``.
+        retry_after: seconds after which trying again may succeed, where known.
+
+    .. versionadded:: 0.1.0
+    """
+
+    #: The value of the ``reskit.rejected_by`` span attribute for this error.
+    rejected_by: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        policy: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.policy = policy
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only arguments are not restored by BaseException's default
+        # pickling (multiprocessing and concurrent.futures rely on it).
+        return (_rebuild, (type(self), str(self), self.policy, self.retry_after))
+
+
+def _rebuild(
+    cls: type[ReskitError], message: str, policy: str | None, retry_after: float | None
+) -> ReskitError:
+    err = cls.__new__(cls)
+    ReskitError.__init__(err, message, policy=policy, retry_after=retry_after)
+    return err
+
+
+class TimeoutExceeded(ReskitError, TimeoutError):
+    """An attempt outlived its ``timeout`` or the call outlived its ``deadline``.
+
+    ``kind`` is ``"attempt"`` for a per-attempt timeout (retryable when the
+    retry's ``on`` matches :class:`TimeoutError`) and ``"deadline"`` when the whole
+    call's time ran out (never retried).
+
+    .. versionadded:: 0.1.0
+    """
+
+    rejected_by = "timeout"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        policy: str | None = None,
+        timeout: float | None = None,
+        kind: str = "attempt",
+    ) -> None:
+        super().__init__(message, policy=policy)
+        self.timeout = timeout
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_timeout,
+            (str(self), self.policy, self.timeout, self.kind),
+        )
+
+
+def _rebuild_timeout(
+    message: str, policy: str | None, timeout: float | None, kind: str
+) -> TimeoutExceeded:
+    return TimeoutExceeded(message, policy=policy, timeout=timeout, kind=kind)
+
+
+class Rejected(ReskitError):
+    """A protection refused the call before the protected function ran.
+
+    Rejections are never retried and never sampled by a circuit breaker.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class CircuitOpen(Rejected):
+    """The circuit breaker is open (or its half-open probes are all taken).
+
+    ``retry_after`` is the time left until the breaker turns half-open.
+
+    .. versionadded:: 0.1.0
+    """
+
+    rejected_by = "breaker"
+
+
+class BulkheadFull(Rejected):
+    """The bulkhead has no free slot and its waiting queue is full or timed out.
+
+    .. versionadded:: 0.1.0
+    """
+
+    rejected_by = "bulkhead"
+
+
+class KillSwitchOff(Rejected):
+    """The policy's kill switch is off (the feature was killed).
+
+    .. versionadded:: 0.1.0
+    """
+
+    rejected_by = "kill_switch"
+
+
+class Shed(Rejected):
+    """The call was shed because the brownout level reached the policy's ``shed_at``.
+
+    .. versionadded:: 0.1.0
+    """
+
+    rejected_by = "brownout"
+
+
+class Throttled(Rejected):
+    """Client-side adaptive throttling rejected the call locally.
+
+    .. versionadded:: 0.1.0
+    """
+
+    rejected_by = "throttle"
+
+
+class RetryBudgetExhausted(Rejected):
+    """A retry was due but the retry budget had no tokens left.
+
+    The failure that asked for the retry is chained as ``__cause__``.
+
+    .. versionadded:: 0.1.0
+    """
+
+    rejected_by = "budget"
+
+
+class IdempotencyConflict(ReskitError):
+    """Another call with the same idempotency key is still in flight.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class IdempotencyMismatch(ReskitError):
+    """The idempotency key was used before with different arguments.
+
+    .. versionadded:: 0.1.0
+    """

@@ -1,0 +1,287 @@
+"""Enforcing timeouts: a coarse timer wheel for asyncio, worker threads for sync code.
+
+Async
+    ``asyncio.timeout`` schedules a ``TimerHandle`` per call (about 25x a bare
+    await here) and reschedules it on every exit. reskit instead files each
+    expiry into a bucket keyed by its deadline rounded *up* to a grain of about
+    1/64 of the timeout (a power of two between 1 ms and 62.5 ms), and keeps
+    one loop timer per bucket. Entering is a set insertion; leaving a removal.
+    A timeout therefore fires at most one grain late, never early. When a
+    bucket fires, every task still in it is cancelled with ``Task.cancel`` and
+    the CancelledError is turned into :class:`TimeoutExceeded` only if this
+    expiry caused it (``Task.uncancel`` bookkeeping, as ``asyncio.timeout``
+    does), so an outer cancellation or an outer timeout is never swallowed.
+
+Sync
+    A thread cannot be interrupted, so ``timeout=`` runs each attempt in a
+    worker thread and stops *waiting* for it on time. The abandoned attempt runs
+    on to completion in its thread; its result is discarded. Workers are pooled
+    and reused, and a new one is started whenever none is idle, so hung
+    attempts can never starve later calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import math
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from . import _clock
+from ._context import _deadline
+from ._errors import TimeoutExceeded
+
+__all__ = ["Expiry", "grain_for", "run_in_worker", "wheel_for"]
+
+_MIN_GRAIN = 2.0**-10  # ~1 ms
+_MAX_GRAIN = 2.0**-4  # 62.5 ms
+
+
+def grain_for(timeout: float) -> float:
+    """The bucket width for a timeout: a power of two near ``timeout / 64``."""
+    if timeout <= 0:
+        return _MIN_GRAIN
+    grain = 2.0 ** math.floor(math.log2(timeout / 64.0))
+    return min(max(grain, _MIN_GRAIN), _MAX_GRAIN)
+
+
+class Expiry:
+    """One armed timeout of one task; ``fired`` once its bucket went off."""
+
+    __slots__ = ("cancelling", "fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        # Cancellations already requested when we armed: any beyond ours
+        # belong to someone else and must propagate.
+        self.cancelling = task.cancelling()
+        self.fired = False
+
+
+class Wheel:
+    """The expiry buckets of one event loop."""
+
+    __slots__ = ("__weakref__", "buckets", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buckets: dict[float, set[Expiry]] = {}
+
+    def arm(self, expiry: Expiry, when: float, grain: float) -> set[Expiry]:
+        key = math.ceil(when / grain) * grain
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = set()
+            _clock.call_at(self.loop, key, self._fire, key)
+        bucket.add(expiry)
+        return bucket
+
+    def _fire(self, key: float) -> None:
+        bucket = self.buckets.pop(key, None)
+        if not bucket:
+            return
+        for expiry in bucket:
+            expiry.fired = True
+            expiry.task.cancel()
+
+
+_wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Wheel] = weakref.WeakKeyDictionary()
+_last_loop: asyncio.AbstractEventLoop | None = None
+_last_wheel: Wheel | None = None
+
+
+def wheel_for(loop: asyncio.AbstractEventLoop) -> Wheel:
+    """The wheel of ``loop`` (cached for the loop used last)."""
+    global _last_loop, _last_wheel
+    if loop is _last_loop and _last_wheel is not None:
+        return _last_wheel
+    wheel = _wheels.get(loop)
+    if wheel is None:
+        wheel = _wheels[loop] = Wheel(loop)
+    _last_loop, _last_wheel = loop, wheel
+    return wheel
+
+
+async def settle(expiry: Expiry) -> None:
+    """Consume our own cancellation after the guarded code ended some other way.
+
+    The bucket fired but the coroutine returned (or raised something else)
+    before the CancelledError was delivered: the request is still pending on
+    the task and would hit its next ``await`` (``uncancel`` alone does not clear
+    it before Python 3.13). One yield delivers it here, where we absorb it, so
+    the result is kept and no stray cancellation escapes. A cancellation from
+    elsewhere that arrived meanwhile is re-raised.
+    """
+    try:
+        await asyncio.sleep(0)
+    except asyncio.CancelledError:
+        if expiry.task.uncancel() > expiry.cancelling:
+            raise
+    else:
+        # The cancellation was delivered and swallowed inside the guarded code.
+        expiry.task.uncancel()
+
+
+def expired(expiry: Expiry) -> bool:
+    """After a CancelledError: was it ours alone (turn it into a timeout)?"""
+    return expiry.fired and expiry.task.uncancel() <= expiry.cancelling
+
+
+# -- sync ----------------------------------------------------------------------
+
+
+class _Job:
+    __slots__ = (
+        "args",
+        "context",
+        "done",
+        "error",
+        "finished_at",
+        "fn",
+        "kwargs",
+        "result",
+        "thread",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        context: contextvars.Context,
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.context = context
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.finished_at = 0.0
+        self.thread = ""
+
+    def run(self) -> None:
+        self.thread = threading.current_thread().name
+        try:
+            self.result = self.context.run(self.fn, *self.args, **self.kwargs)
+        except BaseException as exc:  # handed to the waiting caller, re-raised there
+            self.error = exc
+        self.finished_at = _clock.now()
+        self.done.set()
+
+
+class _Worker:
+    __slots__ = ("jobs", "thread")
+
+    def __init__(self) -> None:
+        self.jobs: list[_Job] = []
+        self.thread: threading.Thread | None = None
+
+
+class _WorkerPool:
+    """Threads for sync attempts with a timeout; one spawned whenever none is idle."""
+
+    IDLE_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[tuple[_Worker, threading.Condition]] = []
+        self._names = itertools.count(1)
+
+    def submit(self, job: _Job) -> None:
+        with self._lock:
+            if self._idle:
+                worker, cond = self._idle.pop()
+                with cond:
+                    worker.jobs.append(job)
+                    cond.notify()
+                return
+        worker = _Worker()
+        cond = threading.Condition()
+        worker.jobs.append(job)
+        thread = threading.Thread(
+            target=self._work,
+            args=(worker, cond),
+            name=f"reskit-timeout-{next(self._names)}",
+            daemon=True,  # an abandoned attempt must not keep the process alive
+        )
+        worker.thread = thread
+        thread.start()
+
+    def _work(self, worker: _Worker, cond: threading.Condition) -> None:
+        while True:
+            with cond:
+                job = worker.jobs.pop() if worker.jobs else None
+            if job is None:
+                with self._lock:
+                    self._idle.append((worker, cond))
+                with cond:
+                    # Wait in real time: idling is not part of any timed behaviour.
+                    cond.wait_for(lambda: bool(worker.jobs), timeout=self.IDLE_SECONDS)
+                    if worker.jobs:
+                        continue
+                with self._lock:
+                    try:
+                        self._idle.remove((worker, cond))
+                    except ValueError:
+                        continue  # a job was handed to us as we timed out
+                return
+            job.run()
+            del job
+
+
+_POOL = _WorkerPool()
+
+
+def run_in_worker(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    attempt_deadline: float,
+    policy: str,
+    kind: str,
+    timeout: float,
+) -> Any:
+    """Run ``fn`` in a worker thread and wait for it until ``attempt_deadline``.
+
+    The worker sees a copy of the caller's context (correlation ID, span,
+    deadline) with the deadline tightened to ``attempt_deadline``.
+    """
+    context = contextvars.copy_context()
+    context.run(_deadline.set, attempt_deadline)
+    job = _Job(fn, args, kwargs, context)
+    _POOL.submit(job)
+    if _clock.wait_until(job.done, attempt_deadline) or (
+        job.done.is_set() and job.finished_at <= attempt_deadline
+    ):
+        error = job.error
+        if error is not None:
+            try:
+                raise error
+            finally:
+                del error, job
+        return job.result
+    abandoned(job, policy)
+    raise TimeoutExceeded(
+        f"policy {policy!r}: attempt timed out after {timeout:.3f}s"
+        if kind == "attempt"
+        else f"policy {policy!r}: deadline exceeded",
+        policy=policy,
+        timeout=timeout,
+        kind=kind,
+    )
+
+
+def abandoned(job: _Job, policy: str) -> None:
+    from opentelemetry import trace
+
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.add_event(
+            "reskit.timeout.abandoned",
+            {"reskit.policy": policy, "reskit.thread": job.thread},
+        )

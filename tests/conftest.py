@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from reskit.testing import FakeClock, SpanCapture, set_testing
+
+
+@pytest.fixture
+def clock() -> Iterator[FakeClock]:
+    """A FakeClock installed for the test: reskit's time moves only when told."""
+    with FakeClock() as fake:
+        yield fake
+
+
+@pytest.fixture
+def spans() -> Iterator[SpanCapture]:
+    """reskit's spans and metrics, captured by the OTel SDK's in-memory exporter."""
+    with SpanCapture() as capture:
+        yield capture
+
+
+@pytest.fixture
+def logs() -> Iterator[list[structlog.typing.EventDict]]:
+    """structlog events emitted during the test."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+@pytest.fixture(autouse=True)
+def _reset_testing_mode() -> Iterator[None]:
+    with set_testing(False):
+        yield
