@@ -129,11 +129,27 @@ class Throttled(Exception):
         self.retry_after = retry_after
 
 
-def test_retry_after_is_honoured(clock: FakeClock) -> None:
+def test_retry_after_is_honoured_within_the_deadline(clock: FakeClock) -> None:
     fn = failing(1, lambda: Throttled(3.0))
-    policy = Policy("r", retry=Retry(attempts=2, on=Throttled, wait_max=0.5))
+    policy = Policy("r", deadline=10.0, retry=Retry(attempts=2, on=Throttled, wait_max=0.5))
     assert policy.call(fn) == 2
     assert clock.sleeps == [3.0]
+
+
+def test_retry_after_is_honoured_up_to_wait_max_without_deadline(clock: FakeClock) -> None:
+    fn = failing(1, lambda: Throttled(3.0))
+    policy = Policy("r", retry=Retry(attempts=2, on=Throttled, wait_max=4.0))
+    assert policy.call(fn) == 2
+    assert clock.sleeps == [3.0]
+
+
+def test_huge_retry_after_without_deadline_gives_up(clock: FakeClock) -> None:
+    fn = failing(1, lambda: Throttled(86_400.0))
+    with pytest.raises(Throttled) as info:
+        Policy("r", retry=Retry(attempts=2, on=Throttled)).call(fn)
+    assert fn.calls() == 1
+    assert clock.sleeps == []
+    assert "exceeds wait_max" in info.value.__notes__[0]
 
 
 def test_retry_after_beyond_deadline_gives_up(clock: FakeClock) -> None:
@@ -321,6 +337,7 @@ def test_budget_keeps_retries_to_a_fraction_of_calls(clock: FakeClock) -> None:
     policy = Policy("b", retry=Retry(attempts=3, on=ValueError, wait=0, budget=budget))
     attempts = 0
     exhausted = 0
+    causes: list[BaseException | None] = []
 
     def down() -> None:
         nonlocal attempts
@@ -331,7 +348,7 @@ def test_budget_keeps_retries_to_a_fraction_of_calls(clock: FakeClock) -> None:
         try:
             policy.call(down)
         except RetryBudgetExhausted as exc:
-            assert isinstance(exc.__cause__, ValueError)
+            causes.append(exc.__cause__)
             exhausted += 1
         except ValueError:
             pass
@@ -340,6 +357,7 @@ def test_budget_keeps_retries_to_a_fraction_of_calls(clock: FakeClock) -> None:
     assert retries == budget.retries == 20
     assert budget.calls == 100
     assert exhausted == 100  # every call wanted a second retry; none could be paid
+    assert all(isinstance(cause, ValueError) for cause in causes)
 
 
 def test_budget_floor_and_window(clock: FakeClock) -> None:

@@ -200,9 +200,7 @@ async def test_async_deadline_spans_attempts_and_is_never_retried(clock: FakeClo
         await asyncio.sleep(0)
         raise ConnectionError("down")
 
-    policy = Policy(
-        "d", timeout=1.0, deadline=2.0, retry=Retry(attempts=10, on=Exception, wait=0)
-    )
+    policy = Policy("d", timeout=1.0, deadline=2.0, retry=Retry(attempts=10, on=Exception, wait=0))
     with pytest.raises((TimeoutExceeded, ConnectionError)) as info:
         await policy.acall(slow)
     # Attempts at t=0.0 and 0.9 fail; the third starts at 1.8 and is cut at 2.0.

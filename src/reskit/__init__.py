@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ._adaptive import AdaptiveLimit, AIMDLimit, GradientLimit
+from ._breaker import BreakerState, CircuitBreaker
+from ._bulkhead import Bulkhead
 from ._context import (
     bind_correlation_id,
     correlation_id,
@@ -27,11 +30,19 @@ from ._fallback import Fallback
 from ._policy import Policy
 from ._retry import Retry, RetryBudget
 from ._telemetry import configure_telemetry
+from ._throttle import AdaptiveThrottle
 
 __all__ = [
+    "AIMDLimit",
+    "AdaptiveLimit",
+    "AdaptiveThrottle",
+    "BreakerState",
+    "Bulkhead",
     "BulkheadFull",
+    "CircuitBreaker",
     "CircuitOpen",
     "Fallback",
+    "GradientLimit",
     "IdempotencyConflict",
     "IdempotencyMismatch",
     "KillSwitchOff",

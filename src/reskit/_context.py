@@ -7,7 +7,7 @@ threads) through sync timeouts, and never leak from one request to the next.
 
 from __future__ import annotations
 
-import os
+import random
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +29,7 @@ __all__ = [
 #: What a correlation ID received from outside must look like to be trusted.
 CORRELATION_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
+_random_bits = random.getrandbits
 _correlation_id: ContextVar[str | None] = ContextVar("reskit_correlation_id", default=None)
 # Absolute time on reskit's monotonic clock by which the current call must end.
 _deadline: ContextVar[float | None] = ContextVar("reskit_deadline", default=None)
@@ -47,7 +48,9 @@ def new_correlation_id() -> str:
 
     .. versionadded:: 0.1.0
     """
-    return os.urandom(16).hex()
+    # Not a secret, only unique: the OTel SDK draws trace IDs the same way, at a
+    # fraction of the cost of os.urandom on the hot path of a recorded call.
+    return f"{_random_bits(128):032x}"
 
 
 def valid_correlation_id(value: object) -> bool:

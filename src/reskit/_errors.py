@@ -120,6 +120,11 @@ class Rejected(ReskitError):
     .. versionadded:: 0.1.0
     """
 
+    # Rejections are raised on hot paths (an open breaker, a full bulkhead):
+    # slots spare each one an instance dict. ReskitError itself cannot have
+    # them, because TimeoutExceeded also inherits OSError's layout.
+    __slots__ = ("policy", "retry_after")
+
 
 class CircuitOpen(Rejected):
     """The circuit breaker is open (or its half-open probes are all taken).

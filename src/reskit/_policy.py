@@ -19,10 +19,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
 from datetime import timedelta
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+
+from opentelemetry import context as _otel_context
+from opentelemetry import trace as _TRACE_SLOT
+from opentelemetry.metrics import _internal as _METER_SLOT
+from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import set_span_in_context as _set_span_in_context
 
 from . import _clock, _telemetry
 from ._config import seconds
@@ -43,31 +49,69 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _CancelledError = asyncio.CancelledError
+_sink = _telemetry.sink
+_SyncRun = Callable[[Callable[..., Any], Any, Any, "_Observation | None"], Any]
+_AsyncRun = Callable[
+    [Callable[..., Awaitable[Any]], Any, Any, "_Observation | None"], Awaitable[Any]
+]
 
 
 class _Observation:
-    """The span and metrics of one call; only built when something records."""
+    """The span and metrics of one call; only built when something records.
 
-    __slots__ = ("attempts", "outcome", "rejected_by", "sink", "span", "started", "token")
+    For a function call (``activate=True``) the span and a generated
+    correlation ID are made current for the whole call, so nested policies,
+    child spans, the sync timeout's worker and log events all see them. A
+    generator cannot keep anything current across its yields (the consumer's
+    context would inherit it), so :class:`_Stream` activates them per step.
+    """
 
-    def __init__(self, sink: _telemetry.Sink, runner: _Runner) -> None:
+    __slots__ = (
+        "attempts",
+        "breaker_state",
+        "cid",
+        "cid_token",
+        "context_token",
+        "outcome",
+        "rejected_by",
+        "sink",
+        "span",
+        "started",
+    )
+
+    def __init__(self, sink: _telemetry.Sink, runner: _Runner, activate: bool = True) -> None:
         self.sink = sink
         self.attempts = 0
         self.outcome = "success"
         self.rejected_by: str | None = None
         self.started = perf_counter()
         self.span: Any = None
-        self.token: Any = None
+        self.cid_token: Any = None
+        self.context_token: Any = None
+        self.cid: str | None = None
+        self.breaker_state: str | None = None
         tracer = sink.tracer
         if tracer is not None:
             cid = _correlation_id.get()
             if cid is None:
                 cid = new_correlation_id()
-                self.token = _correlation_id.set(cid)
-            self.span = tracer.start_span(
-                runner.span_name,
-                attributes={"reskit.policy": runner.name, "reskit.correlation_id": cid},
-            )
+                self.cid = cid
+                if activate:
+                    self.cid_token = _correlation_id.set(cid)
+            # Everything a first-try success needs goes in at the start: each later
+            # set_attributes takes the SDK span's lock and copies, about 2 µs.
+            attributes: dict[str, Any] = {
+                "reskit.policy": runner.name,
+                "reskit.correlation_id": cid,
+                "reskit.outcome": "success",
+                "reskit.attempts": 1,
+            }
+            breaker = runner.breaker
+            if breaker is not None:
+                self.breaker_state = attributes["reskit.breaker.state"] = breaker.state.value
+            self.span = span = tracer.start_span(runner.span_name, attributes=attributes)
+            if activate:
+                self.context_token = _otel_context.attach(_set_span_in_context(span))
 
     def retry(self, attempt: int, delay: float, exc: BaseException) -> None:
         span = self.span
@@ -99,25 +143,27 @@ class _Observation:
             else:
                 self.outcome = "cancelled"
         if span is not None:
-            attributes: dict[str, Any] = {
-                "reskit.outcome": self.outcome,
-                "reskit.attempts": self.attempts,
-            }
-            if self.rejected_by is not None:
-                attributes["reskit.rejected_by"] = self.rejected_by
             breaker = runner.breaker
-            if breaker is not None:
-                attributes["reskit.breaker.state"] = breaker.state.value
-            span.set_attributes(attributes)
+            state = breaker.state.value if breaker is not None else None
+            if self.outcome != "success" or self.attempts != 1 or state != self.breaker_state:
+                changed: dict[str, Any] = {
+                    "reskit.outcome": self.outcome,
+                    "reskit.attempts": self.attempts,
+                }
+                if self.rejected_by is not None:
+                    changed["reskit.rejected_by"] = self.rejected_by
+                if state is not None:
+                    changed["reskit.breaker.state"] = state
+                span.set_attributes(changed)
             if exc is not None:
                 span.record_exception(exc)
                 if self.outcome != "cancelled":
-                    from opentelemetry.trace import Status, StatusCode
-
                     span.set_status(Status(StatusCode.ERROR, type(exc).__qualname__))
+            if self.context_token is not None:
+                _otel_context.detach(self.context_token)
             span.end()
-        if self.token is not None:
-            _correlation_id.reset(self.token)
+        if self.cid_token is not None:
+            _correlation_id.reset(self.cid_token)
         sink = self.sink
         if sink.calls is not None and sink.duration is not None:
             attrs = runner.metric_attributes(self.outcome)
@@ -141,24 +187,34 @@ class _Runner:
 
     __slots__ = (
         "_metric_attributes",
+        "abind",
         "acall",
-        "agen",
+        "agen_for",
+        "bind",
         "breaker",
         "call",
-        "gen",
+        "gen_for",
         "name",
         "span_name",
     )
 
     call: Callable[[Callable[..., Any], Any, Any], Any]
+    bind: Callable[[Callable[..., Any]], Callable[..., Any]]
+    abind: Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]
     acall: Callable[[Callable[..., Awaitable[Any]], Any, Any], Awaitable[Any]]
-    gen: Callable[[Callable[..., Generator[Any, Any, Any]], Any, Any], Generator[Any, Any, Any]]
-    agen: Callable[[Callable[..., AsyncIterator[Any]], Any, Any], AsyncIterator[Any]]
+    gen_for: Callable[[Callable[..., Generator[Any, Any, Any]]], Callable[..., Any]]
+    agen_for: Callable[[Callable[..., AsyncIterator[Any]]], Callable[..., Any]]
 
     def __init__(self, policy: Policy, name: str) -> None:
         self.name = name
         self.span_name = f"reskit {name}"
         self.breaker = policy.breaker
+        # Unnamed strategies take the name of the first policy that compiles them,
+        # so their log events and gauges say whose they are.
+        if policy.breaker is not None:
+            policy.breaker._adopt_name(name)
+        if policy.bulkhead is not None and policy.bulkhead.name is None:
+            policy.bulkhead.name = name
         self._metric_attributes: dict[str, dict[str, str]] = {}
         _compile(self, policy, name)
 
@@ -185,6 +241,12 @@ def _compile(runner: _Runner, policy: Policy, name: str) -> None:
     grain = grain_for(timeout_s) if timeout_s is not None else 0.0
     deadline_grain = grain_for(deadline_s) if deadline_s is not None else 0.0
     sampled = breaker is not None or throttle is not None
+    # Only slow-call detection needs an attempt's duration; reading the clock
+    # twice per attempt is otherwise a third of a closed breaker's cost.
+    timed_attempts = breaker is not None and breaker._slow_call_duration is not None
+    bare_breaker = (
+        breaker is not None and throttle is None and timeout_s is None and not timed_attempts
+    )
     # tenacity's stop/wait strategies may measure time since the call began;
     # only then is the start worth a clock read on the success path.
     timed_retry = retry is not None and (
@@ -193,7 +255,16 @@ def _compile(runner: _Runner, policy: Policy, name: str) -> None:
         or retry._tenacity_retry is not None
     )
 
-    def deadline_exceeded(kind: str = "deadline") -> TimeoutExceeded:
+    def timed_out(kind: str = "deadline") -> TimeoutExceeded:
+        """``timeout`` is the limit that fired: the attempt timeout, or this policy's
+        deadline (``None`` when the deadline was inherited from an outer policy)."""
+        if kind == "attempt":
+            return TimeoutExceeded(
+                f"policy {name!r}: attempt timed out after {timeout_s}s",
+                policy=name,
+                timeout=timeout_s,
+                kind=kind,
+            )
         return TimeoutExceeded(
             f"policy {name!r}: deadline exceeded", policy=name, timeout=deadline_s, kind=kind
         )
@@ -206,130 +277,342 @@ def _compile(runner: _Runner, policy: Policy, name: str) -> None:
             return d, "deadline"
         return when, "attempt"
 
+    # The drivers below are each one flat function: every layer of the canonical
+    # order is a block guarded by a constant test, not a nested call, because a
+    # Python call per layer would cost more than the strategies themselves.
+
+    def retry_or_raise(
+        exc: Exception, state: RetryCall | None, began: float, d: float | None, obs: Any
+    ) -> tuple[RetryCall, float] | None:
+        """After a failed attempt: the retry state and wait, or None to re-raise."""
+        if retry is None:
+            return None
+        if state is None:
+            state = RetryCall(retry, name, began if timed_retry else _clock.now())
+        delay = state.next_delay(exc, d)
+        if delay is None:
+            return None
+        if obs is not None:
+            obs.retry(state.attempt, delay, exc)
+        _log_retry(name, state.attempt, delay, exc)
+        return state, delay
+
+    def own_deadline() -> float:
+        """This policy's deadline, or the outer one when that is tighter."""
+        assert deadline_s is not None
+        own = _clock.now() + deadline_s
+        outer = _deadline.get()
+        return outer if outer is not None and outer < own else own
+
     # -- sync --------------------------------------------------------------
 
-    def attempt_sync(fn: Callable[..., Any], args: Any, kwargs: Any, d: float | None) -> Any:
-        if timeout_s is None:
-            return fn(*args, **kwargs)
-        when, kind = attempt_limit(d)
-        return run_in_worker(fn, args, kwargs, when, name, kind, timeout_s)
-
-    def retry_sync(
-        fn: Callable[..., Any], args: Any, kwargs: Any, d: float | None, obs: _Observation | None
-    ) -> Any:
-        if budget is not None:
-            budget._deposit()
-        began = _clock.now() if timed_retry else 0.0
-        state: RetryCall | None = None
-        while True:
-            if obs is not None:
-                obs.attempts += 1
-            try:
-                if not sampled:
-                    return attempt_sync(fn, args, kwargs, d)
-                bp: Any = breaker._admit(name) if breaker is not None else None
-                started = perf_counter()
-                try:
-                    tp: Any = throttle._admit(name) if throttle is not None else None
-                    try:
-                        result = attempt_sync(fn, args, kwargs, d)
-                    except BaseException as exc:
-                        if throttle is not None:
-                            throttle._record(tp, exc, perf_counter() - started)
-                        raise
-                    if throttle is not None:
-                        throttle._record(tp, None, perf_counter() - started)
-                except BaseException as exc:
-                    if breaker is not None:
-                        breaker._record(bp, exc, perf_counter() - started)
-                    raise
-                if breaker is not None:
-                    breaker._record(bp, None, perf_counter() - started)
-                return result
-            except Exception as exc:
-                if retry is None:
-                    raise
-                if state is None:
-                    state = RetryCall(retry, name, began if timed_retry else _clock.now())
-                delay = state.next_delay(exc, d)
-                if delay is None:
-                    raise
-                if obs is not None:
-                    obs.retry(state.attempt, delay, exc)
-                _log_retry(name, state.attempt, delay, exc)
-                if delay > 0:
-                    _clock.sleep(delay)
-
-    def guarded_sync(
+    def attempt_sync(
         fn: Callable[..., Any], args: Any, kwargs: Any, obs: _Observation | None
     ) -> Any:
+        """One attempt: breaker → throttle → attempt timeout → the call."""
         d = _deadline.get()
-        if deadline_s is None:
-            if d is not None and _clock.now() >= d:
-                raise deadline_exceeded()
-            return retry_sync(fn, args, kwargs, d, obs)
-        now = _clock.now()
-        own = now + deadline_s
-        if d is None or own < d:
-            d = own
-        elif now >= d:
-            raise deadline_exceeded()
-        token = _deadline.set(d)
+        if d is not None and _clock.now() >= d:
+            raise timed_out()
+        if obs is not None:
+            obs.attempts += 1
+        if not sampled:
+            if timeout_s is None:
+                return fn(*args, **kwargs)
+            when, kind = attempt_limit(d)
+            return run_in_worker(fn, args, kwargs, when, name, timed_out, kind)
+        if bare_breaker:
+            # The most common sampled attempt, without the general case's tests.
+            probe = breaker._admit(name)  # type: ignore[union-attr]
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                breaker._record(probe, exc, 0.0)  # type: ignore[union-attr]
+                raise
+            breaker._record(probe, None, 0.0)  # type: ignore[union-attr]
+            return result
+        probe = breaker._admit(name) if breaker is not None else None
+        ticket: Any = None
+        started = _clock.now() if timed_attempts else 0.0
         try:
-            return retry_sync(fn, args, kwargs, d, obs)
-        finally:
-            _deadline.reset(token)
-
-    def protected_sync(
-        fn: Callable[..., Any], args: Any, kwargs: Any, obs: _Observation | None
-    ) -> Any:
-        if bulkhead is None:
-            return guarded_sync(fn, args, kwargs, obs)
-        permit = bulkhead._acquire(name, bulkhead._partition(args, kwargs) if keyed else None)
-        started = perf_counter()
-        try:
-            result = guarded_sync(fn, args, kwargs, obs)
+            if throttle is not None:
+                ticket = throttle._admit(name)
+            if timeout_s is None:
+                result = fn(*args, **kwargs)
+            else:
+                when, kind = attempt_limit(d)
+                result = run_in_worker(fn, args, kwargs, when, name, timed_out, kind)
         except BaseException as exc:
-            bulkhead._release(permit, perf_counter() - started, exc)
+            elapsed = _clock.now() - started if timed_attempts else 0.0
+            if ticket is not None:
+                throttle._record(ticket, exc, elapsed)  # type: ignore[union-attr]
+            if probe is not None:
+                breaker._record(probe, exc, elapsed)  # type: ignore[union-attr]
             raise
-        bulkhead._release(permit, perf_counter() - started, None)
+        elapsed = _clock.now() - started if timed_attempts else 0.0
+        if ticket is not None:
+            throttle._record(ticket, None, elapsed)  # type: ignore[union-attr]
+        if probe is not None:
+            breaker._record(probe, None, elapsed)  # type: ignore[union-attr]
         return result
 
-    def fallback_sync(
-        fn: Callable[..., Any], args: Any, kwargs: Any, obs: _Observation | None
-    ) -> Any:
-        assert fallback is not None
+    def core_sync(fn: Callable[..., Any], args: Any, kwargs: Any, obs: _Observation | None) -> Any:
+        """Deadline → retry (+ budget) → the attempts."""
+        token = _deadline.set(own_deadline()) if deadline_s is not None else None
         try:
-            return protected_sync(fn, args, kwargs, obs)
-        except Exception as exc:
-            if not fallback.predicate(exc):
+            if retry is None:
+                return attempt_sync(fn, args, kwargs, obs)
+            if budget is not None:
+                budget._deposit()
+            began = _clock.now() if timed_retry else 0.0
+            state: RetryCall | None = None
+            while True:
+                try:
+                    return attempt_sync(fn, args, kwargs, obs)
+                except Exception as exc:
+                    decision = retry_or_raise(exc, state, began, _deadline.get(), obs)
+                    if decision is None:
+                        raise
+                    state, delay = decision
+                    if delay > 0:
+                        _clock.sleep(delay)
+        finally:
+            if token is not None:
+                _deadline.reset(token)
+
+    def with_bulkhead_sync(inner: _SyncRun) -> _SyncRun:
+        assert bulkhead is not None
+
+        def run(fn: Callable[..., Any], args: Any, kwargs: Any, obs: _Observation | None) -> Any:
+            permit = bulkhead._acquire(name, bulkhead._partition(args, kwargs) if keyed else None)
+            held = _clock.now()
+            try:
+                result = inner(fn, args, kwargs, obs)
+            except BaseException as exc:
+                bulkhead._release(permit, _clock.now() - held, exc)
                 raise
-            if obs is not None:
-                obs.fell_back(exc)
-            return fallback.fn(exc)
+            bulkhead._release(permit, _clock.now() - held, None)
+            return result
 
-    core_sync = protected_sync if fallback is None else fallback_sync
+        return run
 
-    def call(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        sink = _telemetry.sink()
-        if sink is None:
-            return core_sync(fn, args, kwargs, None)
+    def with_fallback_sync(inner: _SyncRun) -> _SyncRun:
+        assert fallback is not None
+
+        def run(fn: Callable[..., Any], args: Any, kwargs: Any, obs: _Observation | None) -> Any:
+            try:
+                return inner(fn, args, kwargs, obs)
+            except Exception as exc:
+                if not fallback.predicate(exc):
+                    raise
+                if obs is not None:
+                    obs.fell_back(exc)
+                value = fallback.fn(exc)
+                if inspect.isawaitable(value):
+                    if inspect.iscoroutine(value):
+                        value.close()
+                    raise TypeError(
+                        f"policy {name!r}: the fallback returned an awaitable for a sync call; "
+                        "use a plain function as the fallback of sync functions"
+                    ) from exc
+                return value
+
+        return run
+
+    # Outer layers exist only when configured: an absent layer costs no frame
+    # and no re-raise on the way out (a rejection's path is the hot one).
+    # Without a retry or a deadline the attempt is the whole core: a rejection
+    # then passes no retry loop's except clause (a third of its cost).
+    run_sync: _SyncRun = core_sync if retry is not None or deadline_s is not None else attempt_sync
+    if bulkhead is not None:
+        run_sync = with_bulkhead_sync(run_sync)
+    if fallback is not None:
+        run_sync = with_fallback_sync(run_sync)
+
+    def observed_sync(fn: Callable[..., Any], args: Any, kwargs: Any, sink: Any) -> Any:
         obs = _Observation(sink, runner)
         try:
-            result = core_sync(fn, args, kwargs, obs)
+            result = run_sync(fn, args, kwargs, obs)
         except BaseException as exc:
             obs.finish(runner, exc)
             raise
         obs.finish(runner, None)
         return result
 
+    def call(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        if (
+            _TRACE_SLOT._TRACER_PROVIDER is None
+            and _METER_SLOT._METER_PROVIDER is None
+            and _telemetry._tp_override is None
+            and _telemetry._mp_override is None
+        ):
+            return run_sync(fn, args, kwargs, None)
+        sink = _sink()
+        if sink is None:
+            return run_sync(fn, args, kwargs, None)
+        return observed_sync(fn, args, kwargs, sink)
+
+    def bind(fn: Callable[..., Any]) -> Callable[..., Any]:
+        """The decorated function: ``call`` inlined, one frame fewer per call."""
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            # _telemetry.quiet(), inlined: a call costs more than the test.
+            if (
+                _TRACE_SLOT._TRACER_PROVIDER is None
+                and _METER_SLOT._METER_PROVIDER is None
+                and _telemetry._tp_override is None
+                and _telemetry._mp_override is None
+            ):
+                return run_sync(fn, args, kwargs, None)
+            sink = _sink()
+            if sink is None:
+                return run_sync(fn, args, kwargs, None)
+            return observed_sync(fn, args, kwargs, sink)
+
+        return wrapper
+
     # -- async -------------------------------------------------------------
 
     async def attempt_async(
+        fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, obs: _Observation | None
+    ) -> Any:
+        """One attempt: breaker → throttle → attempt timeout → the call."""
+        d = _deadline.get()
+        if d is not None and _clock.now() >= d:
+            raise timed_out()
+        if obs is not None:
+            obs.attempts += 1
+        if not sampled:
+            if timeout_s is None:
+                return await fn(*args, **kwargs)
+            return await timed_async(fn, args, kwargs, d)
+        probe: Any = breaker._admit(name) if breaker is not None else None
+        ticket: Any = None
+        started = _clock.now() if timed_attempts else 0.0
+        try:
+            if throttle is not None:
+                ticket = throttle._admit(name)
+            if timeout_s is None:
+                result = await fn(*args, **kwargs)
+            else:
+                result = await timed_async(fn, args, kwargs, d)
+        except BaseException as exc:
+            elapsed = _clock.now() - started if timed_attempts else 0.0
+            if ticket is not None:
+                throttle._record(ticket, exc, elapsed)  # type: ignore[union-attr]
+            if probe is not None:
+                breaker._record(probe, exc, elapsed)  # type: ignore[union-attr]
+            raise
+        elapsed = _clock.now() - started if timed_attempts else 0.0
+        if ticket is not None:
+            throttle._record(ticket, None, elapsed)  # type: ignore[union-attr]
+        if probe is not None:
+            breaker._record(probe, None, elapsed)  # type: ignore[union-attr]
+        return result
+
+    async def core_async(
+        fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, obs: _Observation | None
+    ) -> Any:
+        """Deadline (enforced by cancellation) → retry (+ budget) → the attempts."""
+        token = None
+        own: Expiry | None = None
+        if deadline_s is not None:
+            d = own_deadline()
+            token = _deadline.set(d)
+            task = asyncio.current_task()
+            assert task is not None
+            # Only our own deadline is enforced here; a tighter outer one is
+            # enforced by the policy that set it.
+            own = Expiry(task)
+            own_bucket = wheel_for(task.get_loop()).arm(own, d, deadline_grain)
+        try:
+            if retry is None:
+                result = await attempt_async(fn, args, kwargs, obs)
+            else:
+                if budget is not None:
+                    budget._deposit()
+                began = _clock.now() if timed_retry else 0.0
+                state: RetryCall | None = None
+                while True:
+                    try:
+                        result = await attempt_async(fn, args, kwargs, obs)
+                        break
+                    except Exception as exc:
+                        decision = retry_or_raise(exc, state, began, _deadline.get(), obs)
+                        if decision is None:
+                            raise
+                        state, delay = decision
+                        await _clock.asleep(delay)
+        except _CancelledError:
+            if own is not None and expired(own):
+                raise timed_out() from None
+            raise
+        except BaseException:
+            if own is not None and own.fired:
+                await settle(own)
+            raise
+        finally:
+            if own is not None:
+                own_bucket.discard(own)
+            if token is not None:
+                _deadline.reset(token)
+        if own is not None and own.fired:
+            await settle(own)
+        return result
+
+    def with_bulkhead_async(inner: _AsyncRun) -> _AsyncRun:
+        assert bulkhead is not None
+
+        async def run(
+            fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, obs: _Observation | None
+        ) -> Any:
+            key = bulkhead._partition(args, kwargs) if keyed else None
+            # A free slot is taken without creating a coroutine; only a wait awaits.
+            permit = bulkhead._take(key)
+            if permit is None:
+                permit = await bulkhead._aacquire(name, key)
+            held = _clock.now()
+            try:
+                result = await inner(fn, args, kwargs, obs)
+            except BaseException as exc:
+                bulkhead._release(permit, _clock.now() - held, exc)
+                raise
+            bulkhead._release(permit, _clock.now() - held, None)
+            return result
+
+        return run
+
+    def with_fallback_async(inner: _AsyncRun) -> _AsyncRun:
+        assert fallback is not None
+
+        async def run(
+            fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, obs: _Observation | None
+        ) -> Any:
+            try:
+                return await inner(fn, args, kwargs, obs)
+            except Exception as exc:
+                if not fallback.predicate(exc):
+                    raise
+                if obs is not None:
+                    obs.fell_back(exc)
+                value = fallback.fn(exc)
+                if inspect.isawaitable(value):
+                    value = await value
+                return value
+
+        return run
+
+    run_async: _AsyncRun = (
+        core_async if retry is not None or deadline_s is not None else attempt_async
+    )
+    if bulkhead is not None:
+        run_async = with_bulkhead_async(run_async)
+    if fallback is not None:
+        run_async = with_fallback_async(run_async)
+
+    async def timed_async(
         fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, d: float | None
     ) -> Any:
-        if timeout_s is None:
-            return await fn(*args, **kwargs)
+        """The attempt timeout: cancel the attempt when its bucket fires."""
         when, kind = attempt_limit(d)
         task = asyncio.current_task()
         assert task is not None
@@ -340,14 +623,7 @@ def _compile(runner: _Runner, policy: Policy, name: str) -> None:
             result = await fn(*args, **kwargs)
         except _CancelledError:
             if expired(expiry):
-                raise TimeoutExceeded(
-                    f"policy {name!r}: attempt timed out after {timeout_s:.3f}s"
-                    if kind == "attempt"
-                    else f"policy {name!r}: deadline exceeded",
-                    policy=name,
-                    timeout=timeout_s,
-                    kind=kind,
-                ) from None
+                raise timed_out(kind) from None
             raise
         except BaseException:
             if expiry.fired:
@@ -360,149 +636,53 @@ def _compile(runner: _Runner, policy: Policy, name: str) -> None:
             await settle(expiry)
         return result
 
-    async def retry_async(
-        fn: Callable[..., Awaitable[Any]],
-        args: Any,
-        kwargs: Any,
-        d: float | None,
-        obs: _Observation | None,
+    async def observed_async(
+        fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, sink: Any
     ) -> Any:
-        if budget is not None:
-            budget._deposit()
-        began = _clock.now() if timed_retry else 0.0
-        state: RetryCall | None = None
-        while True:
-            if obs is not None:
-                obs.attempts += 1
-            try:
-                if not sampled:
-                    return await attempt_async(fn, args, kwargs, d)
-                bp: Any = breaker._admit(name) if breaker is not None else None
-                started = perf_counter()
-                try:
-                    tp: Any = throttle._admit(name) if throttle is not None else None
-                    try:
-                        result = await attempt_async(fn, args, kwargs, d)
-                    except BaseException as exc:
-                        if throttle is not None:
-                            throttle._record(tp, exc, perf_counter() - started)
-                        raise
-                    if throttle is not None:
-                        throttle._record(tp, None, perf_counter() - started)
-                except BaseException as exc:
-                    if breaker is not None:
-                        breaker._record(bp, exc, perf_counter() - started)
-                    raise
-                if breaker is not None:
-                    breaker._record(bp, None, perf_counter() - started)
-                return result
-            except Exception as exc:
-                if retry is None:
-                    raise
-                if state is None:
-                    state = RetryCall(retry, name, began if timed_retry else _clock.now())
-                delay = state.next_delay(exc, d)
-                if delay is None:
-                    raise
-                if obs is not None:
-                    obs.retry(state.attempt, delay, exc)
-                _log_retry(name, state.attempt, delay, exc)
-                await _clock.asleep(delay)
-
-    async def guarded_async(
-        fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, obs: _Observation | None
-    ) -> Any:
-        d = _deadline.get()
-        if deadline_s is None:
-            if d is not None and _clock.now() >= d:
-                raise deadline_exceeded()
-            return await retry_async(fn, args, kwargs, d, obs)
-        now = _clock.now()
-        own = now + deadline_s
-        if d is None or own < d:
-            d = own
-        elif now >= d:
-            raise deadline_exceeded()
-        token = _deadline.set(d)
-        task = asyncio.current_task()
-        assert task is not None
-        # Only our own deadline is enforced here; a tighter outer one is
-        # enforced by the policy that set it.
-        expiry = Expiry(task)
-        bucket = wheel_for(task.get_loop()).arm(expiry, d, deadline_grain)
-        try:
-            result = await retry_async(fn, args, kwargs, d, obs)
-        except _CancelledError:
-            if expired(expiry):
-                raise deadline_exceeded() from None
-            raise
-        except BaseException:
-            if expiry.fired:
-                await settle(expiry)
-            raise
-        finally:
-            bucket.discard(expiry)
-            _deadline.reset(token)
-        if expiry.fired:
-            await settle(expiry)
-        return result
-
-    async def protected_async(
-        fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, obs: _Observation | None
-    ) -> Any:
-        if bulkhead is None:
-            return await guarded_async(fn, args, kwargs, obs)
-        permit = await bulkhead._aacquire(
-            name, bulkhead._partition(args, kwargs) if keyed else None
-        )
-        started = perf_counter()
-        try:
-            result = await guarded_async(fn, args, kwargs, obs)
-        except BaseException as exc:
-            bulkhead._release(permit, perf_counter() - started, exc)
-            raise
-        bulkhead._release(permit, perf_counter() - started, None)
-        return result
-
-    async def fallback_async(
-        fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, obs: _Observation | None
-    ) -> Any:
-        assert fallback is not None
-        try:
-            return await protected_async(fn, args, kwargs, obs)
-        except Exception as exc:
-            if not fallback.predicate(exc):
-                raise
-            if obs is not None:
-                obs.fell_back(exc)
-            value = fallback.fn(exc)
-            if inspect.isawaitable(value):
-                value = await value
-            return value
-
-    core_async = protected_async if fallback is None else fallback_async
-
-    async def acall(fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any) -> Any:
-        sink = _telemetry.sink()
-        if sink is None:
-            return await core_async(fn, args, kwargs, None)
         obs = _Observation(sink, runner)
         try:
-            result = await core_async(fn, args, kwargs, obs)
+            result = await run_async(fn, args, kwargs, obs)
         except BaseException as exc:
             obs.finish(runner, exc)
             raise
         obs.finish(runner, None)
         return result
 
+    async def acall(fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any) -> Any:
+        sink = _sink()
+        if sink is None:
+            return await run_async(fn, args, kwargs, None)
+        return await observed_async(fn, args, kwargs, sink)
+
+    def abind(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if (
+                _TRACE_SLOT._TRACER_PROVIDER is None
+                and _METER_SLOT._METER_PROVIDER is None
+                and _telemetry._tp_override is None
+                and _telemetry._mp_override is None
+            ):
+                return await run_async(fn, args, kwargs, None)
+            sink = _sink()
+            if sink is None:
+                return await run_async(fn, args, kwargs, None)
+            return await observed_async(fn, args, kwargs, sink)
+
+        return wrapper
+
     runner.call = call
+    runner.bind = bind
+    runner.abind = abind
     runner.acall = acall
-    runner.gen, runner.agen = _compile_streams(
-        runner, policy, name, deadline_exceeded, attempt_limit
+    runner.gen_for, runner.agen_for = _compile_streams(
+        runner, policy, name, timed_out, attempt_limit
     )
 
 
 # -- generators -----------------------------------------------------------------
+
+
+_NO_FALLBACK: Any = object()
 
 
 class _Stream:
@@ -514,24 +694,38 @@ class _Stream:
     has seen an item, starting again would repeat data.
     """
 
-    __slots__ = ("d", "name", "obs", "permit", "policy", "probe", "retry_call", "runner", "started")
+    __slots__ = (
+        "d",
+        "held",
+        "name",
+        "obs",
+        "permit",
+        "policy",
+        "probe",
+        "retry_call",
+        "runner",
+        "started",
+    )
 
     def __init__(self, runner: _Runner, policy: Policy) -> None:
         self.runner = runner
         self.policy = policy
         self.name = runner.name
         sink = _telemetry.sink()
-        self.obs = _Observation(sink, runner) if sink is not None else None
+        self.obs = _Observation(sink, runner, activate=False) if sink is not None else None
         self.permit: Any = None
         self.probe: Any = None
         self.retry_call: RetryCall | None = None
-        self.started = perf_counter()
+        self.started = self.held = _clock.now()
         d = _deadline.get()
         if policy.deadline is not None:
             own = _clock.now() + policy.deadline
             if d is None or own < d:
                 d = own
         self.d = d
+        retry = policy.retry
+        if retry is not None and retry.budget is not None:
+            retry.budget._deposit()
 
     def partition(self, args: Any, kwargs: Any) -> str | None:
         bulkhead = self.policy.bulkhead
@@ -552,14 +746,14 @@ class _Stream:
         breaker = self.policy.breaker
         if breaker is not None:
             self.probe = breaker._admit(self.name)
-            self.started = perf_counter()
+            self.started = _clock.now()
 
     def sample(self, exc: BaseException | None) -> None:
         """The attempt ended (or the stream did): feed the breaker once."""
         breaker = self.policy.breaker
         if breaker is not None and self.probe is not None:
             probe, self.probe = self.probe, None
-            breaker._record(probe, exc, perf_counter() - self.started)
+            breaker._record(probe, exc, _clock.now() - self.started)
 
     def retry_delay(self, exc: Exception) -> float | None:
         """Seconds to wait before restarting the generator, or None to give up."""
@@ -568,8 +762,6 @@ class _Stream:
             return None
         if self.retry_call is None:
             self.retry_call = RetryCall(retry, self.name, _clock.now())
-            if retry.budget is not None:
-                retry.budget._deposit()
         delay = self.retry_call.next_delay(exc, self.d)
         if delay is not None:
             if self.obs is not None:
@@ -578,30 +770,34 @@ class _Stream:
         return delay
 
     def fallback_for(self, exc: Exception) -> Any:
-        """The fallback's replacement iterable, or None when it does not apply."""
+        """The fallback's replacement iterable (``None`` = empty), or ``_NO_FALLBACK``."""
         fallback = self.policy.fallback
         if fallback is None or not fallback.predicate(exc):
-            return None
+            return _NO_FALLBACK
         if self.obs is not None:
             self.obs.fell_back(exc)
-        return fallback.fn(exc)
+        value = fallback.fn(exc)
+        return () if value is None else value
 
-    def enter(self) -> tuple[Any, Any]:
-        """Context for one step: our deadline and span, never left set across a yield."""
+    def enter(self) -> tuple[Any, Any, Any]:
+        """Context for one step: deadline, span and correlation ID, never left set
+        across a yield (the consumer's context would inherit them)."""
         token = _deadline.set(self.d) if self.d is not None else None
-        span_token = None
-        if self.obs is not None and self.obs.span is not None:
-            from opentelemetry import context, trace
+        span_token = cid_token = None
+        obs = self.obs
+        if obs is not None:
+            if obs.span is not None:
+                span_token = _otel_context.attach(_set_span_in_context(obs.span))
+            if obs.cid is not None:
+                cid_token = _correlation_id.set(obs.cid)
+        return token, span_token, cid_token
 
-            span_token = context.attach(trace.set_span_in_context(self.obs.span))
-        return token, span_token
-
-    def leave(self, tokens: tuple[Any, Any]) -> None:
-        token, span_token = tokens
+    def leave(self, tokens: tuple[Any, Any, Any]) -> None:
+        token, span_token, cid_token = tokens
+        if cid_token is not None:
+            _correlation_id.reset(cid_token)
         if span_token is not None:
-            from opentelemetry import context
-
-            context.detach(span_token)
+            _otel_context.detach(span_token)
         if token is not None:
             _deadline.reset(token)
 
@@ -610,7 +806,7 @@ class _Stream:
         bulkhead = self.policy.bulkhead
         if bulkhead is not None and self.permit is not None:
             permit, self.permit = self.permit, None
-            bulkhead._release(permit, perf_counter() - self.started, exc)
+            bulkhead._release(permit, _clock.now() - self.held, exc)
         if self.obs is not None:
             obs, self.obs = self.obs, None
             obs.finish(self.runner, exc)
@@ -620,66 +816,67 @@ def _compile_streams(
     runner: _Runner,
     policy: Policy,
     name: str,
-    deadline_exceeded: Callable[..., TimeoutExceeded],
+    timed_out: Callable[..., TimeoutExceeded],
     attempt_limit: Callable[[float | None], tuple[float, str]],
-) -> tuple[Callable[..., Generator[Any, Any, Any]], Callable[..., AsyncIterator[Any]]]:
+) -> tuple[Callable[..., Callable[..., Any]], Callable[..., Callable[..., Any]]]:
     timeout_s = policy.timeout
     grain = grain_for(timeout_s) if timeout_s is not None else 0.0
     enforce_deadline = policy.deadline is not None
     deadline_grain = grain_for(policy.deadline) if policy.deadline is not None else 0.0
 
-    def gen(
-        fn: Callable[..., Generator[Any, Any, Any]], args: Any, kwargs: Any
-    ) -> Generator[Any, Any, Any]:
-        stream = _Stream(runner, policy)
-        failure: BaseException | None = None
-        try:
-            if policy.bulkhead is not None:
-                stream.permit = policy.bulkhead._acquire(name, stream.partition(args, kwargs))
-            while True:
-                tokens = stream.enter()
-                try:
-                    stream.admit()
-                    it = fn(*args, **kwargs)
-                    item = next(it)
-                except StopIteration as stop:
-                    return stop.value
-                except Exception as exc:
-                    stream.sample(exc)
-                    delay = stream.retry_delay(exc)
-                    if delay is None:
-                        replacement = stream.fallback_for(exc)
-                        if replacement is None:
-                            raise
-                        return (yield from replacement)
-                    if delay > 0:
-                        _clock.sleep(delay)
-                    continue
-                finally:
-                    stream.leave(tokens)
-                break
-            while True:
-                try:
-                    sent = yield item
-                except GeneratorExit:
-                    it.close()
-                    raise
-                except BaseException as thrown:
-                    advance: Callable[[], Any] = functools.partial(it.throw, thrown)
-                else:
-                    advance = functools.partial(it.send, sent)
-                tokens = stream.enter()
-                try:
-                    item = advance()
-                except StopIteration as stop:
-                    return stop.value
-                finally:
-                    stream.leave(tokens)
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            stream.close(failure)
+    def gen_for(fn: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Any]:
+        def gen(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+            stream = _Stream(runner, policy)
+            failure: BaseException | None = None
+            try:
+                if policy.bulkhead is not None:
+                    stream.permit = policy.bulkhead._acquire(name, stream.partition(args, kwargs))
+                while True:
+                    tokens = stream.enter()
+                    try:
+                        stream.admit()
+                        it = fn(*args, **kwargs)
+                        item = next(it)
+                    except StopIteration as stop:
+                        return stop.value
+                    except Exception as exc:
+                        stream.sample(exc)
+                        delay = stream.retry_delay(exc)
+                        if delay is None:
+                            replacement = stream.fallback_for(exc)
+                            if replacement is _NO_FALLBACK:
+                                raise
+                            return (yield from replacement)
+                        if delay > 0:
+                            _clock.sleep(delay)
+                        continue
+                    finally:
+                        stream.leave(tokens)
+                    break
+                while True:
+                    try:
+                        sent = yield item
+                    except GeneratorExit:
+                        it.close()
+                        raise
+                    except BaseException as thrown:
+                        advance: Callable[[], Any] = functools.partial(it.throw, thrown)
+                    else:
+                        advance = functools.partial(it.send, sent)
+                    tokens = stream.enter()
+                    try:
+                        item = advance()
+                    except StopIteration as stop:
+                        return stop.value
+                    finally:
+                        stream.leave(tokens)
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                stream.close(failure)
+
+        return gen
 
     async def step(stream: _Stream, advance: Callable[[], Awaitable[Any]]) -> Any:
         """One async step, bounded by the attempt timeout and our own deadline."""
@@ -703,16 +900,7 @@ def _compile_streams(
                 result = await advance()
             except _CancelledError:
                 if expired(expiry):
-                    raise (
-                        deadline_exceeded()
-                        if kind == "deadline"
-                        else TimeoutExceeded(
-                            f"policy {name!r}: step timed out after {timeout_s}s",
-                            policy=name,
-                            timeout=timeout_s,
-                            kind="attempt",
-                        )
-                    ) from None
+                    raise timed_out(kind) from None
                 raise
             except BaseException:
                 if expiry.fired:
@@ -726,61 +914,64 @@ def _compile_streams(
         finally:
             stream.leave(tokens)
 
-    async def agen(fn: Callable[..., AsyncIterator[Any]], args: Any, kwargs: Any) -> Any:
-        stream = _Stream(runner, policy)
-        failure: BaseException | None = None
-        try:
-            if policy.bulkhead is not None:
-                stream.permit = await policy.bulkhead._aacquire(
-                    name, stream.partition(args, kwargs)
-                )
-            while True:
-                try:
-                    stream.admit()
-                    it: Any = fn(*args, **kwargs)
-                    item = await step(stream, it.__anext__)
-                except StopAsyncIteration:
-                    return
-                except Exception as exc:
-                    stream.sample(exc)
-                    delay = stream.retry_delay(exc)
-                    if delay is None:
-                        replacement = stream.fallback_for(exc)
-                        if replacement is None:
-                            raise
-                        if inspect.isawaitable(replacement):
-                            replacement = await replacement
-                        if hasattr(replacement, "__aiter__"):
-                            async for value in replacement:
-                                yield value
-                        else:
-                            for value in replacement:
-                                yield value
+    def agen_for(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        async def agen(*args: Any, **kwargs: Any) -> Any:
+            stream = _Stream(runner, policy)
+            failure: BaseException | None = None
+            try:
+                if policy.bulkhead is not None:
+                    stream.permit = await policy.bulkhead._aacquire(
+                        name, stream.partition(args, kwargs)
+                    )
+                while True:
+                    try:
+                        stream.admit()
+                        it: Any = fn(*args, **kwargs)
+                        item = await step(stream, it.__anext__)
+                    except StopAsyncIteration:
                         return
-                    await _clock.asleep(delay)
-                    continue
-                break
-            while True:
-                try:
-                    sent = yield item
-                except GeneratorExit:
-                    await it.aclose()
-                    raise
-                except BaseException as thrown:
-                    advance: Callable[[], Awaitable[Any]] = functools.partial(it.athrow, thrown)
-                else:
-                    advance = functools.partial(it.asend, sent)
-                try:
-                    item = await step(stream, advance)
-                except StopAsyncIteration:
-                    return
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            stream.close(failure)
+                    except Exception as exc:
+                        stream.sample(exc)
+                        delay = stream.retry_delay(exc)
+                        if delay is None:
+                            replacement = stream.fallback_for(exc)
+                            if replacement is _NO_FALLBACK:
+                                raise
+                            if inspect.isawaitable(replacement):
+                                replacement = await replacement
+                            if hasattr(replacement, "__aiter__"):
+                                async for value in replacement:
+                                    yield value
+                            else:
+                                for value in replacement:
+                                    yield value
+                            return
+                        await _clock.asleep(delay)
+                        continue
+                    break
+                while True:
+                    try:
+                        sent = yield item
+                    except GeneratorExit:
+                        await it.aclose()
+                        raise
+                    except BaseException as thrown:
+                        advance: Callable[[], Awaitable[Any]] = functools.partial(it.athrow, thrown)
+                    else:
+                        advance = functools.partial(it.asend, sent)
+                    try:
+                        item = await step(stream, advance)
+                    except StopAsyncIteration:
+                        return
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                stream.close(failure)
 
-    return gen, agen
+        return agen
+
+    return gen_for, agen_for
 
 
 # -- the public class ---------------------------------------------------------------
@@ -926,7 +1117,9 @@ class Policy:
         return runner
 
     @overload
-    def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]: ...
+    def __call__(
+        self, fn: Callable[P, Coroutine[Any, Any, R]]
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
     @overload
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
 
@@ -934,41 +1127,19 @@ class Policy:
         """Decorate ``fn``, keeping its kind (sync, async, generator) and signature."""
         runner = self._runner_for(fn)
         if inspect.isasyncgenfunction(fn):
-            agen = runner.agen
-
-            @functools.wraps(fn)
-            def agen_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return agen(fn, args, kwargs)
-
-            return agen_wrapper
+            # The driver is compiled for this function, so the wrapper *is* an
+            # async generator function (inspect and frameworks see its kind).
+            return functools.wraps(fn)(runner.agen_for(fn))
         if inspect.isgeneratorfunction(fn):
             if self.timeout is not None:
                 raise TypeError(
                     "timeout= cannot be enforced on a sync generator (its steps run in the "
                     "caller's thread); use deadline= or make it an async generator"
                 )
-            gen = runner.gen
-
-            @functools.wraps(fn)
-            def gen_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return gen(fn, args, kwargs)
-
-            return gen_wrapper
+            return functools.wraps(fn)(runner.gen_for(fn))
         if inspect.iscoroutinefunction(fn):
-            acall = runner.acall
-
-            @functools.wraps(fn)
-            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await acall(fn, args, kwargs)
-
-            return async_wrapper
-        call = runner.call
-
-        @functools.wraps(fn)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return call(fn, args, kwargs)
-
-        return wrapper
+            return functools.wraps(fn)(runner.abind(fn))
+        return functools.wraps(fn)(runner.bind(fn))
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``fn(*args, **kwargs)`` through the policy (sync).

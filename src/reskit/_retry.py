@@ -215,7 +215,8 @@ class Retry:
     :class:`CircuitOpen` only when the remaining deadline covers its
     ``retry_after``), and a :class:`TimeoutExceeded` for the whole deadline.
     An exception with a ``retry_after`` attribute (seconds, as an HTTP 429 or
-    503 carries) waits at least that long, if the deadline allows.
+    503 carries) waits at least that long, if the deadline allows; with no
+    deadline, a ``retry_after`` longer than ``wait_max`` ends the retries.
 
     .. versionadded:: 0.1.0
     """
@@ -391,6 +392,15 @@ class RetryCall:
         else:
             delay = retry.backoff(self.attempt)
         if retry_after is not None and retry_after > delay:
+            if deadline is None and retry_after > retry.wait_max:
+                # Without a deadline nothing else bounds the wait: a hostile or
+                # careless "Retry-After: 86400" must not park the caller.
+                exc.add_note(
+                    f"reskit: policy {self.policy!r} gave up after {self.attempt} attempt(s): "
+                    f"retry_after {retry_after:.3f}s exceeds wait_max {retry.wait_max}s and "
+                    "no deadline bounds the wait"
+                )
+                return None
             delay = retry_after
         if CONFIG.testing:
             delay = 0.0

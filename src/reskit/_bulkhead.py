@@ -1,0 +1,718 @@
+"""The bulkhead: a concurrency cap with a bounded FIFO waiting queue.
+
+A bulkhead keeps one slow dependency from taking every thread, task or
+connection a service has. At most ``max_concurrent`` calls run at once; up to
+``max_waiting`` more wait in FIFO order for at most ``wait_timeout`` (and never
+past the caller's remaining deadline); everyone else is rejected at once with
+:class:`~reskit.BulkheadFull`, which a policy never retries.
+
+One set of decisions serves threads and tasks alike: :meth:`Bulkhead._try_acquire`
+admits, queues or rejects under a :class:`threading.Lock` held for well under a
+microsecond, and only the waiting differs (a :class:`threading.Event` for
+threads, a future for tasks). The lock is never held across the protected call
+or a wait. A freed slot is handed directly to the oldest admissible waiter, so
+a woken waiter never has to race for its slot.
+
+Free slots are tokens in a list. ``list.pop()`` and ``list.append()`` are
+atomic (under the GIL, and with per-object locking in free-threaded builds), so
+the common case (no partition key, no adaptive limit, a slot free) takes and
+returns a slot without the lock: on a VM where an uncontended lock costs
+~200 ns that is most of the cost of the bulkhead. Everything that needs more
+than one step (queueing, hand-over, partitions, adaptive limits) takes the
+lock. A lock-free release publishes its token and then looks for waiters, and a
+caller that queues looks for tokens after publishing itself, so whichever comes
+second sees the other: a slot is never left free while someone waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Any
+
+from opentelemetry import metrics
+
+from . import _clock, _telemetry
+from ._adaptive import AdaptiveLimit
+from ._config import seconds
+from ._context import remaining_deadline
+from ._errors import BulkheadFull, Rejected
+
+__all__ = ["DEFAULT_MAX_PARTITIONS", "Bulkhead"]
+
+#: How many keyed partitions may be alive at once unless ``max_partitions`` says otherwise.
+DEFAULT_MAX_PARTITIONS = 1024
+
+# Weight of the newest call in the mean duration behind ``retry_after``.
+_DURATION_SMOOTHING = 0.2
+# The global cap of a bulkhead without an adaptive limit: it never binds.
+_UNBOUNDED = 1 << 62
+# Outcomes an adaptive limit reads as overload.
+_DROPS = (TimeoutError, Rejected)
+# Idle partition objects kept for reuse.
+_SPARE_PARTITIONS = 16
+
+
+class _Partition:
+    """The slots and queue of one key (or of the whole bulkhead); also the permit."""
+
+    __slots__ = ("free", "key", "waiters")
+
+    def __init__(self, key: str | None, size: int) -> None:
+        self.key = key
+        # One token per free slot; see the module docstring for why a list.
+        self.free: list[None] = [None] * size
+        self.waiters: deque[_Waiter] = deque()
+
+
+def _pop_token(free: list[None]) -> bool:
+    """Take a token if there is one (safe against lock-free takers)."""
+    try:
+        free.pop()
+    except IndexError:
+        return False
+    return True
+
+
+class _Waiter:
+    __slots__ = ("budget", "deadline", "granted", "partition", "seq", "settled")
+
+    def __init__(self, partition: _Partition, seq: int, budget: float | None) -> None:
+        self.partition = partition
+        self.seq = seq
+        # Relative seconds for the sync wait, absolute clock time for the async timer.
+        self.budget = budget
+        self.deadline = None if budget is None else _clock.now() + budget
+        # Set under the bulkhead's lock when a slot is handed over; the event or
+        # future only wakes the waiter, this flag is the truth.
+        self.granted = False
+        # Set once the waiter has left for good (with its slot, without one, or
+        # by passing the slot on), so a second exit path cannot undo it twice.
+        self.settled = False
+
+    def wake(self, bulkhead: Bulkhead) -> None:
+        raise NotImplementedError
+
+
+class _ThreadWaiter(_Waiter):
+    __slots__ = ("event",)
+
+    def __init__(self, partition: _Partition, seq: int, budget: float | None) -> None:
+        super().__init__(partition, seq, budget)
+        self.event = threading.Event()
+
+    def wake(self, bulkhead: Bulkhead) -> None:
+        self.event.set()
+
+
+class _TaskWaiter(_Waiter):
+    __slots__ = ("future", "loop", "thread")
+
+    def __init__(self, partition: _Partition, seq: int, budget: float | None) -> None:
+        super().__init__(partition, seq, budget)
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[None] = self.loop.create_future()
+        self.thread = threading.get_ident()
+
+    def wake(self, bulkhead: Bulkhead) -> None:
+        if self.loop.is_closed():
+            # The waiter's loop is gone, so it will never run to take the slot
+            # handed to it: pass the slot on instead of leaking it.
+            bulkhead._abandon(self)
+            return
+        if threading.get_ident() == self.thread:
+            _resolve(self.future)
+            return
+        try:
+            self.loop.call_soon_threadsafe(_resolve, self.future)
+        except RuntimeError:  # closed between the check and the call
+            bulkhead._abandon(self)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Bulkhead:
+    """Cap how many calls run at once, with a bounded FIFO waiting queue.
+
+    Use it through a policy (``reskit.Policy("db", bulkhead=Bulkhead(10))``);
+    the policy holds a slot around the whole protected call, outside its
+    retries, and releases it however the call ends (return, exception,
+    cancellation). A call that cannot get a slot raises
+    :class:`~reskit.BulkheadFull`, which is never retried and costs no circuit
+    breaker sample.
+
+    Args:
+        max_concurrent: the most calls allowed to run at once (per partition
+            when ``key`` is given).
+        max_waiting: how many callers may wait for a slot (per partition);
+            the default 0 rejects as soon as every slot is taken.
+        wait_timeout: how long a caller waits for a slot (seconds or a
+            timedelta) before :class:`~reskit.BulkheadFull`; ``None`` waits as
+            long as the caller's deadline allows. A wait never outlasts
+            :func:`reskit.remaining_deadline`.
+        key: a function called with the protected call's arguments that
+            returns a partition key (a tenant, a feature) or ``None``. Each key
+            gets its own ``max_concurrent`` slots and ``max_waiting`` queue, so
+            one tenant cannot starve the others. Calls whose key is ``None``
+            share one default partition.
+        max_partitions: the most keyed partitions alive at once. A partition
+            lives while it has calls in flight or waiting and is dropped when
+            it has neither; while ``max_partitions`` are alive a call with a new
+            key is rejected, so hostile or unbounded keys cannot grow memory.
+            The default partition does not count.
+        limit: an adaptive limit (:class:`~reskit.AIMDLimit`,
+            :class:`~reskit.GradientLimit`) that learns how many calls the
+            backend sustains. It caps the calls in flight across the whole
+            bulkhead; ``max_concurrent`` remains the hard ceiling per
+            partition. One limit object per bulkhead.
+        name: the name reported on the ``reskit.bulkhead.occupancy`` gauge;
+            by default the name of the first policy that uses the bulkhead.
+
+    ``BulkheadFull.retry_after`` estimates when a slot will be free for a new
+    caller: the mean duration of recent calls that ended while their partition
+    was full (exponentially weighted), times the callers queued ahead plus one,
+    divided by the limit. Until such a call has ended it is ``wait_timeout``
+    (or ``None``).
+
+    .. versionadded:: 0.1.0
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_adaptive",
+        "_default",
+        "_global_cap",
+        "_in_flight",
+        "_lock",
+        "_lock_free",
+        "_mean_duration",
+        "_partitions",
+        "_queued",
+        "_seq",
+        "_spare",
+        "_waiting",
+        "key",
+        "max_concurrent",
+        "max_partitions",
+        "max_waiting",
+        "name",
+        "wait_timeout",
+    )
+
+    def __init__(
+        self,
+        max_concurrent: int,
+        *,
+        max_waiting: int = 0,
+        wait_timeout: float | timedelta | None = None,
+        key: Callable[..., str | None] | None = None,
+        max_partitions: int = DEFAULT_MAX_PARTITIONS,
+        limit: AdaptiveLimit | None = None,
+        name: str | None = None,
+    ) -> None:
+        if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int):
+            raise TypeError(
+                f"max_concurrent must be an int, got {max_concurrent!r}; "
+                "pass the most calls allowed to run at once, e.g. Bulkhead(10)"
+            )
+        if max_concurrent < 1:
+            raise ValueError(
+                f"max_concurrent must be at least 1, got {max_concurrent}; "
+                "pass the most calls allowed to run at once, e.g. Bulkhead(10)"
+            )
+        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
+            raise ValueError(
+                f"max_waiting must be an int >= 0, got {max_waiting!r}; "
+                "it is how many callers may queue for a slot (0 rejects at once)"
+            )
+        timeout = seconds(wait_timeout, "wait_timeout")
+        if timeout is not None and max_waiting == 0:
+            raise ValueError(
+                f"wait_timeout={timeout!r} has no effect with max_waiting=0 (nobody waits); "
+                "set max_waiting to how many callers may queue, or drop wait_timeout"
+            )
+        if key is not None and not callable(key):
+            raise TypeError(
+                f"key must be a function of the call's arguments returning a str or None, "
+                f"got {key!r}"
+            )
+        if (
+            isinstance(max_partitions, bool)
+            or not isinstance(max_partitions, int)
+            or max_partitions < 1
+        ):
+            raise ValueError(
+                f"max_partitions must be an int >= 1, got {max_partitions!r}; it bounds how "
+                f"many keys may hold slots at once (default {DEFAULT_MAX_PARTITIONS})"
+            )
+        if limit is not None:
+            if not isinstance(limit, AdaptiveLimit):
+                raise TypeError(
+                    f"limit must be an adaptive limit such as reskit.AIMDLimit() or "
+                    f"reskit.GradientLimit(), got {limit!r}; for a fixed cap use max_concurrent"
+                )
+            limit._bind()
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {name!r}")
+
+        self.max_concurrent = max_concurrent
+        self.max_waiting = max_waiting
+        self.wait_timeout = timeout
+        self.key = key
+        self.max_partitions = max_partitions
+        self.name = name
+        self._adaptive = limit
+        self._global_cap = limit.current if limit is not None else _UNBOUNDED
+        # The default partition takes and returns slots without the lock unless
+        # an adaptive limit needs a bulkhead-wide count kept in step.
+        self._lock_free = limit is None
+        self._lock = threading.Lock()
+        self._default = _Partition(None, max_concurrent)
+        self._partitions: dict[str, _Partition] = {}
+        self._spare: list[_Partition] = []
+        # Partitions with a non-empty queue, for handing slots across partitions
+        # when an adaptive limit caps the whole bulkhead.
+        self._queued: dict[_Partition, None] = {}
+        # Calls in flight across the bulkhead; only kept with an adaptive limit.
+        self._in_flight = 0
+        self._waiting = 0
+        self._seq = 0
+        self._mean_duration = -1.0
+        _register(self)
+
+    # -- introspection -------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """How many calls hold a slot now, across all partitions.
+
+        .. versionadded:: 0.1.0
+        """
+        if self._adaptive is not None:
+            return self._in_flight
+        cap = self.max_concurrent
+        with self._lock:
+            busy = cap - len(self._default.free)
+            for part in self._partitions.values():
+                busy += cap - len(part.free)
+        return busy
+
+    @property
+    def waiting(self) -> int:
+        """How many callers are queued for a slot now, across all partitions.
+
+        .. versionadded:: 0.1.0
+        """
+        return self._waiting
+
+    @property
+    def partitions(self) -> int:
+        """How many keyed partitions are alive now (at most ``max_partitions``).
+
+        .. versionadded:: 0.1.0
+        """
+        return len(self._partitions)
+
+    @property
+    def limit(self) -> int:
+        """The most calls one partition may run right now.
+
+        ``max_concurrent``, or less while an adaptive limit holds it lower.
+
+        .. versionadded:: 0.1.0
+        """
+        cap = self._global_cap
+        return cap if cap < self.max_concurrent else self.max_concurrent
+
+    @property
+    def adaptive_limit(self) -> AdaptiveLimit | None:
+        """The adaptive limit given as ``limit=``, or ``None``.
+
+        .. versionadded:: 0.1.0
+        """
+        return self._adaptive
+
+    def __repr__(self) -> str:
+        name = f"{self.name!r}, " if self.name is not None else ""
+        return (
+            f"Bulkhead({name}max_concurrent={self.max_concurrent}, limit={self.limit}, "
+            f"in_flight={self.in_flight}, waiting={self._waiting}, "
+            f"partitions={len(self._partitions)})"
+        )
+
+    # -- the seams the Policy engine calls -----------------------------------
+    def _partition(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """Return the partition key of a call (only called when ``key`` is set)."""
+        assert self.key is not None
+        value = self.key(*args, **kwargs)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(
+                f"the bulkhead's key function must return a str or None, got "
+                f"{type(value).__name__}; convert the key with str()"
+            )
+        return value
+
+    def _take(self, key: str | None) -> _Partition | None:
+        """Take a free slot at once, without the lock, or return ``None``.
+
+        Only the default partition of a bulkhead without an adaptive limit has
+        this path; ``None`` means "ask :meth:`_acquire` or :meth:`_aacquire`",
+        which queue, reject or admit under the lock. Never raises, never waits.
+        """
+        if key is None and self._lock_free:
+            part = self._default
+            # Behind a queue, a newcomer must queue too.
+            if not part.waiters:
+                try:
+                    part.free.pop()
+                except IndexError:
+                    return None
+                return part
+        return None
+
+    def _acquire(self, policy_name: str | None, key: str | None) -> _Partition:
+        """Take a slot for a sync call, waiting in the queue if allowed."""
+        if self.name is None:
+            self.name = policy_name
+        permit = self._take(key)
+        if permit is not None:
+            return permit
+        got = self._try_acquire(policy_name, key, False)
+        if isinstance(got, _Partition):
+            return got
+        assert isinstance(got, _ThreadWaiter)
+        try:
+            if got.deadline is None:
+                _clock.wait(got.event, None)
+            else:
+                # Against the absolute deadline, so time that passed before the
+                # wait began (or a spurious wake-up) is not waited for twice.
+                while not got.event.is_set():
+                    remaining = got.deadline - _clock.now()
+                    if remaining <= 0.0:
+                        break
+                    _clock.wait(got.event, remaining)
+        except BaseException:
+            self._abandon(got)
+            raise
+        return self._finish_wait(got, policy_name)
+
+    async def _aacquire(self, policy_name: str | None, key: str | None) -> _Partition:
+        """Take a slot for an async call, waiting in the queue if allowed."""
+        if self.name is None:
+            self.name = policy_name
+        permit = self._take(key)
+        if permit is not None:
+            return permit
+        got = self._try_acquire(policy_name, key, True)
+        if isinstance(got, _Partition):
+            return got
+        assert isinstance(got, _TaskWaiter)
+        timer = None
+        if got.deadline is not None:
+            timer = _clock.call_at(got.loop, got.deadline, _resolve, got.future)
+        try:
+            await got.future
+        except BaseException:
+            # Cancelled while queued, or after a slot was handed over but before
+            # this task ran again: either way nothing may stay behind.
+            self._abandon(got)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return self._finish_wait(got, policy_name)
+
+    def _release(self, permit: _Partition, duration: float, exc: BaseException | None) -> None:
+        """Give back a slot (exactly once per permit) and feed the adaptive limit."""
+        if not permit.free:
+            # ``retry_after`` is only ever asked for while slots are short, so
+            # only calls ending in a full partition feed its estimate: the
+            # common, uncongested release skips the arithmetic. Unlocked, two
+            # releases racing can lose one sample of an estimate.
+            mean = self._mean_duration
+            self._mean_duration = (
+                duration if mean < 0.0 else mean + (duration - mean) * _DURATION_SMOOTHING
+            )
+        woken: list[_Waiter] | None
+        if self._lock_free and permit is self._default:
+            returned = False
+            if not permit.waiters:
+                permit.free.append(None)
+                # A caller may have queued after our check: look again now that
+                # the token is published (it looks for tokens after queueing).
+                if not permit.waiters:
+                    return
+                returned = True
+            with self._lock:
+                if not returned:
+                    permit.free.append(None)
+                woken = self._grant_locked(permit)
+            for waiter in woken:
+                waiter.wake(self)
+            return
+
+        adaptive = self._adaptive
+        error: Exception | None = None
+        with self._lock:
+            permit.free.append(None)
+            if adaptive is not None:
+                in_flight = self._in_flight
+                self._in_flight = in_flight - 1
+                # Any failure other than a timeout or a rejection says nothing
+                # reliable about capacity (a fast error would even look like
+                # spare capacity), and a cancellation says nothing at all.
+                if exc is None or isinstance(exc, _DROPS):
+                    try:
+                        self._global_cap = adaptive.on_sample(duration, in_flight, exc is not None)
+                    except Exception as failed:
+                        # A faulty custom limit must not strand the queue: finish
+                        # the hand-over first, raise afterwards.
+                        error = failed
+            if self._waiting:
+                woken = self._grant_locked(permit)
+            else:
+                woken = None
+                self._reclaim_locked(permit)
+        if woken:
+            for waiter in woken:
+                waiter.wake(self)
+        if error is not None:
+            raise error
+
+    # -- decisions (shared by the sync and async paths) ----------------------
+    def _try_acquire(
+        self, policy_name: str | None, key: str | None, asynchronous: bool
+    ) -> _Partition | _Waiter:
+        woken: list[_Waiter] | None = None
+        waiter: _Waiter | None = None
+        with self._lock:
+            part = self._default if key is None else self._partitions.get(key)
+            if part is None:
+                assert key is not None
+                if len(self._partitions) < self.max_partitions:
+                    part = self._new_partition_locked(key)
+            if part is None:
+                reason = (
+                    f"{len(self._partitions)} partitions are in use "
+                    f"(max_partitions={self.max_partitions}), so a new key is refused"
+                )
+                retry_after = self._retry_after_locked(0)
+            else:
+                # Slots are handed straight to waiters, so a partition with a
+                # free slot has no admissible waiter; ``not part.waiters`` guards it.
+                if (
+                    not part.waiters
+                    and self._in_flight < self._global_cap
+                    and _pop_token(part.free)
+                ):
+                    if self._adaptive is not None:
+                        self._in_flight += 1
+                    return part
+                reason, retry_after, waiter = self._enqueue_locked(part, asynchronous)
+                if waiter is not None and self._lock_free and part is self._default:
+                    # A lock-free release may have published a token after our
+                    # take failed and before we queued.
+                    woken = self._grant_locked(part)
+        if woken:
+            for other in woken:
+                other.wake(self)
+        # Queueing and rejection are where a newly configured meter provider gets
+        # the gauge (as the breaker does on its transitions); admissions skip it.
+        _ensure_gauge()
+        if waiter is not None:
+            return waiter
+        raise BulkheadFull(f"bulkhead full: {reason}", policy=policy_name, retry_after=retry_after)
+
+    def _enqueue_locked(
+        self, part: _Partition, asynchronous: bool
+    ) -> tuple[str, float | None, _Waiter | None]:
+        if len(part.waiters) >= self.max_waiting:
+            busy = self.max_concurrent - len(part.free)
+            reason = f"{busy} in flight (limit {self.limit}) and " + (
+                "no waiting allowed (max_waiting=0)"
+                if self.max_waiting == 0
+                else f"the waiting queue is full (max_waiting={self.max_waiting})"
+            )
+            retry_after = self._retry_after_locked(len(part.waiters))
+            self._reclaim_locked(part)
+            return reason, retry_after, None
+        budget = self.wait_timeout
+        left = remaining_deadline()
+        if left is not None and (budget is None or left < budget):
+            budget = left
+        if budget is not None and budget <= 0.0:
+            retry_after = self._retry_after_locked(len(part.waiters))
+            self._reclaim_locked(part)
+            return "no time left before the deadline to wait for a slot", retry_after, None
+        self._seq += 1
+        waiter: _Waiter
+        if asynchronous:
+            waiter = _TaskWaiter(part, self._seq, budget)
+        else:
+            waiter = _ThreadWaiter(part, self._seq, budget)
+        if not part.waiters:
+            self._queued[part] = None
+        part.waiters.append(waiter)
+        self._waiting += 1
+        return "", None, waiter
+
+    def _finish_wait(self, waiter: _Waiter, policy_name: str | None) -> _Partition:
+        part = waiter.partition
+        with self._lock:
+            if waiter.granted:
+                waiter.settled = True
+                return part
+            self._remove_locked(waiter)
+            retry_after = self._retry_after_locked(len(part.waiters))
+        waited = "" if waiter.budget is None else f" {waiter.budget:.3g}s"
+        raise BulkheadFull(
+            f"bulkhead full: waited{waited} for a slot and none freed up",
+            policy=policy_name,
+            retry_after=retry_after,
+        )
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """Undo a wait that ended abnormally: leave the queue or hand the slot on."""
+        with self._lock:
+            if waiter.settled:
+                # E.g. a coroutine closed on a dead loop after its slot was passed on.
+                return
+            if not waiter.granted:
+                self._remove_locked(waiter)
+                return
+            # The slot arrived but its taker is gone; pass it on unsampled.
+            waiter.settled = True
+            part = waiter.partition
+            part.free.append(None)
+            if self._adaptive is not None:
+                self._in_flight -= 1
+            woken = self._grant_locked(part)
+        for other in woken:
+            other.wake(self)
+
+    def _remove_locked(self, waiter: _Waiter) -> None:
+        waiter.settled = True
+        part = waiter.partition
+        part.waiters.remove(waiter)
+        self._waiting -= 1
+        if not part.waiters:
+            del self._queued[part]
+        self._reclaim_locked(part)
+
+    def _reclaim_locked(self, part: _Partition) -> None:
+        if part is not self._default and not part.waiters and len(part.free) == self.max_concurrent:
+            self._drop_locked(part)
+
+    def _new_partition_locked(self, key: str) -> _Partition:
+        if self._spare:
+            part = self._spare.pop()
+            part.key = key
+        else:
+            part = _Partition(key, self.max_concurrent)
+        self._partitions[key] = part
+        return part
+
+    def _drop_locked(self, part: _Partition) -> None:
+        # ``part.key`` is a str for every partition but the default one.
+        del self._partitions[part.key]  # type: ignore[arg-type]
+        # Per-request keys (a tenant per call) would otherwise build and free a
+        # partition on every call; a few spares make that churn allocation-free.
+        if len(self._spare) < _SPARE_PARTITIONS:
+            part.key = None
+            self._spare.append(part)
+
+    def _grant_locked(self, part: _Partition) -> list[_Waiter]:
+        woken: list[_Waiter] = []
+        if self._adaptive is None:
+            # Without a bulkhead-wide cap only the releasing partition gained room.
+            waiters = part.waiters
+            while waiters and _pop_token(part.free):
+                woken.append(self._hand_over_locked(waiters.popleft()))
+        else:
+            # The bulkhead-wide cap may have been what held queues back in any
+            # partition: admit the oldest waiter whose own partition has room.
+            while self._queued and self._in_flight < self._global_cap:
+                best: _Partition | None = None
+                for queued in self._queued:
+                    if queued.free and (
+                        best is None or queued.waiters[0].seq < best.waiters[0].seq
+                    ):
+                        best = queued
+                if best is None:
+                    break
+                best.free.pop()
+                self._in_flight += 1
+                woken.append(self._hand_over_locked(best.waiters.popleft()))
+        self._reclaim_locked(part)
+        return woken
+
+    def _hand_over_locked(self, waiter: _Waiter) -> _Waiter:
+        part = waiter.partition
+        waiter.granted = True
+        self._waiting -= 1
+        if not part.waiters:
+            del self._queued[part]
+        return waiter
+
+    def _retry_after_locked(self, queued_ahead: int) -> float | None:
+        mean = self._mean_duration
+        if mean < 0.0:
+            return self.wait_timeout
+        # The queue ahead drains at about ``limit`` calls per mean call duration.
+        return mean * (queued_ahead + 1) / self.limit
+
+
+# -- the occupancy gauge -------------------------------------------------------
+_LIVE: weakref.WeakSet[Bulkhead] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+_gauge_on_global = False
+# Providers given to reskit.configure_telemetry() (and SpanCapture) get the gauge too.
+_gauge_providers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _observe_occupancy(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    return [
+        metrics.Observation(bulkhead.in_flight, {"reskit.bulkhead.name": bulkhead.name})
+        for bulkhead in live
+        if bulkhead.name is not None
+    ]
+
+
+def _register_gauge(meter: metrics.Meter) -> None:
+    meter.create_observable_gauge(
+        "reskit.bulkhead.occupancy",
+        callbacks=[_observe_occupancy],
+        unit="{call}",
+        description="Calls holding a bulkhead slot, per bulkhead",
+    )
+
+
+def _ensure_gauge() -> None:
+    """Create the gauge once on the global meter and once per override provider."""
+    global _gauge_on_global
+    override = _telemetry._mp_override
+    if _gauge_on_global and (override is None or override in _gauge_providers):
+        return
+    with _LIVE_LOCK:
+        if not _gauge_on_global:
+            # The API's proxy meter forwards to a provider configured later.
+            _register_gauge(metrics.get_meter("reskit"))
+            _gauge_on_global = True
+        if override is not None and override not in _gauge_providers:
+            _register_gauge(override.get_meter("reskit"))
+            _gauge_providers.add(override)
+
+
+def _register(bulkhead: Bulkhead) -> None:
+    with _LIVE_LOCK:
+        _LIVE.add(bulkhead)
+    _ensure_gauge()

@@ -1,0 +1,180 @@
+"""The scripts in ``examples/`` run, and the Starlette app serves under a real uvicorn."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+pytest.importorskip("starlette")
+uvicorn = pytest.importorskip("uvicorn")
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"reskit_example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def starlette_example() -> ModuleType:
+    return load_example("starlette_app")
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Any], str]]:
+    """Start an ASGI app under uvicorn on a free 127.0.0.1 port; return its base URL."""
+    servers: list[tuple[Any, threading.Thread]] = []
+
+    def start(app: Any) -> str:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="none"
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                pytest.fail("uvicorn did not start within 10 s")
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
+        assert not thread.is_alive(), "uvicorn did not stop within 10 s"
+
+
+def test_quickstart_runs() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart.py")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "sync:  charge #1: ok after 3 call(s)" in out
+    assert "async: charge #2: ok after 2 call(s)" in out
+    assert "cached price (live call failed" in out
+    assert "TimeoutExceeded: policy 'strict'" in out
+    assert "inner call sees" in out
+    assert "correlation_id=order-1234" in out
+    assert "outside any policy: remaining_deadline() = None" in out
+
+
+def test_stock_is_served_live(starlette_example: ModuleType, serve: Callable[[Any], str]) -> None:
+    inventory = starlette_example.FlakyInventory(error_rate=0.0, hang_rate=0.0, seed=1)
+    base = serve(starlette_example.create_app(inventory))
+
+    with httpx.Client(base_url=base, timeout=5) as client:
+        response = client.get("/stock/sku-1", headers={"X-Request-ID": "test-req-1"})
+        strict = client.get("/stock/sku-1/strict")
+        index = client.get("/")
+        health = client.get("/healthz")
+
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "test-req-1"
+    body = response.json()
+    assert body["source"] == "live"
+    assert body["correlation_id"] == "test-req-1"
+    assert isinstance(body["stock"], int)
+    assert strict.status_code == 200
+    assert strict.json()["stock"] == body["stock"]
+    # Without an X-Request-ID the app generates one.
+    assert strict.headers["x-request-id"] not in ("", "test-req-1")
+    assert "/stock/{sku}" in index.json()["routes"]
+    assert health.json() == {"status": "ok"}
+    assert inventory.calls == 2
+
+
+def test_failing_dependency_falls_back_or_answers_503(
+    starlette_example: ModuleType, serve: Callable[[Any], str]
+) -> None:
+    inventory = starlette_example.FlakyInventory(error_rate=1.0, hang_rate=0.0, seed=1)
+    base = serve(starlette_example.create_app(inventory))
+
+    with httpx.Client(base_url=base, timeout=5) as client:
+        lenient = client.get("/stock/sku-2", headers={"X-Request-ID": "bad id with spaces"})
+        strict = client.get("/stock/sku-2/strict")
+
+    assert lenient.status_code == 200
+    assert lenient.json()["source"] == "fallback"
+    assert lenient.json()["error"] == "ConnectionError"
+    assert lenient.headers["x-request-id"] != "bad id with spaces"
+    assert strict.status_code == 503
+    assert strict.json()["error"] == "ConnectionError"
+    # Three attempts per request, two requests.
+    assert inventory.calls == 6
+
+
+def test_hanging_dependency_is_cut_by_the_timeout(
+    starlette_example: ModuleType, serve: Callable[[Any], str]
+) -> None:
+    inventory = starlette_example.FlakyInventory(error_rate=0.0, hang_rate=1.0, seed=1)
+    base = serve(starlette_example.create_app(inventory))
+
+    with httpx.Client(base_url=base, timeout=5) as client:
+        started = time.monotonic()
+        response = client.get("/stock/sku-3/strict")
+        took = time.monotonic() - started
+
+    assert response.status_code == 503
+    assert response.json()["error"] == "TimeoutExceeded"
+    # The deadline (0.5 s) bounds the request, retries included.
+    assert took < 2.0
+
+
+def test_starlette_example_runs_as_a_script() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "starlette_app.py"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=2) as client:
+            while True:
+                try:
+                    response = client.get("/healthz")
+                    break
+                except httpx.TransportError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail("the example server did not come up within 15 s")
+                    time.sleep(0.05)
+        assert response.json() == {"status": "ok"}
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
