@@ -19,7 +19,7 @@ from typing import Any, SupportsIndex
 import pytest
 
 from reskit import AIMDLimit, Bulkhead, BulkheadFull, Rejected, TimeoutExceeded, _context
-from reskit._bulkhead import _observe_occupancy
+from reskit._bulkhead import _GAUGE
 from reskit.testing import FakeClock
 
 WAIT = 10.0  # seconds a test waits for another thread before failing
@@ -851,7 +851,7 @@ def test_occupancy_gauge_reports_live_named_bulkheads() -> None:
     def reported() -> dict[str, int | float]:
         return {
             str(o.attributes["reskit.bulkhead.name"]): o.value
-            for o in _observe_occupancy(None)  # type: ignore[arg-type]
+            for o in _GAUGE._callback(None)
             if o.attributes and str(o.attributes["reskit.bulkhead.name"]).startswith("gauge-")
         }
 

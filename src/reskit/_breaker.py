@@ -27,12 +27,10 @@ import itertools
 import logging
 import math
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any, Final
 
-from opentelemetry import metrics as _otel_metrics
 from opentelemetry import trace as _otel_trace
 
 from . import _clock, _telemetry
@@ -491,9 +489,7 @@ class CircuitBreaker:
         self._listeners: tuple[object, ...] = ()
         self._set_listeners(listeners)
 
-        with _live_lock:
-            _LIVE.add(self)
-        _ensure_gauge()
+        _GAUGE.track(self)
 
     # -- configuration ------------------------------------------------------
     def _uses_window(self) -> bool:
@@ -1009,7 +1005,7 @@ class CircuitBreaker:
             to_state=new.value,
             reason=reason,
         )
-        _ensure_gauge()
+        _GAUGE.ensure()
 
     def _call_before(
         self,
@@ -1054,46 +1050,12 @@ def _hooks(listeners: tuple[object, ...], method: str) -> tuple[Callable[..., An
 
 
 # -- the reskit.breaker.state gauge ---------------------------------------------
-_LIVE: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-# A WeakSet cannot be iterated while another thread adds to it.
-_live_lock = threading.Lock()
-_gauge_lock = threading.Lock()
-_gauge_on_global = False
-# Providers given to reskit.configure_telemetry() (and SpanCapture) get the gauge too.
-_gauge_providers: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def _observe(options: _otel_metrics.CallbackOptions) -> Iterable[_otel_metrics.Observation]:
-    with _live_lock:
-        breakers = list(_LIVE)
-    return [
-        _otel_metrics.Observation(
-            _GAUGE_VALUE[breaker._peek()], {"reskit.breaker.name": breaker._label}
-        )
-        for breaker in breakers
-    ]
-
-
-def _register_gauge(meter: _otel_metrics.Meter) -> None:
-    meter.create_observable_gauge(
-        "reskit.breaker.state",
-        callbacks=[_observe],
-        unit="1",
-        description="Circuit breaker state: 0 closed, 1 half-open, 2 open",
-    )
-
-
-def _ensure_gauge() -> None:
-    """Create the gauge once on the global meter and once per override provider."""
-    global _gauge_on_global
-    override = _telemetry._mp_override
-    if _gauge_on_global and (override is None or override in _gauge_providers):
-        return
-    with _gauge_lock:
-        if not _gauge_on_global:
-            # The API's proxy meter forwards to a provider configured later.
-            _register_gauge(_otel_metrics.get_meter("reskit"))
-            _gauge_on_global = True
-        if override is not None and override not in _gauge_providers:
-            _register_gauge(override.get_meter("reskit"))
-            _gauge_providers.add(override)
+_GAUGE = _telemetry.LiveGauge(
+    "reskit.breaker.state",
+    unit="1",
+    description="Circuit breaker state: 0 closed, 1 half-open, 2 open",
+    observe=lambda breaker: (
+        _GAUGE_VALUE[breaker._peek()],
+        {"reskit.breaker.name": breaker._label},
+    ),
+)

@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
-
-from opentelemetry import metrics
 
 from . import _clock, _telemetry
 from ._adaptive import AdaptiveLimit
@@ -285,7 +282,7 @@ class Bulkhead:
         self._waiting = 0
         self._seq = 0
         self._mean_duration = -1.0
-        _register(self)
+        _GAUGE.track(self)
 
     # -- introspection -------------------------------------------------------
     @property
@@ -525,7 +522,7 @@ class Bulkhead:
                 other.wake(self)
         # Queueing and rejection are where a newly configured meter provider gets
         # the gauge (as the breaker does on its transitions); admissions skip it.
-        _ensure_gauge()
+        _GAUGE.ensure()
         if waiter is not None:
             return waiter
         raise BulkheadFull(f"bulkhead full: {reason}", policy=policy_name, retry_after=retry_after)
@@ -670,49 +667,13 @@ class Bulkhead:
 
 
 # -- the occupancy gauge -------------------------------------------------------
-_LIVE: weakref.WeakSet[Bulkhead] = weakref.WeakSet()
-_LIVE_LOCK = threading.Lock()
-_gauge_on_global = False
-# Providers given to reskit.configure_telemetry() (and SpanCapture) get the gauge too.
-_gauge_providers: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def _observe_occupancy(options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
-    with _LIVE_LOCK:
-        live = list(_LIVE)
-    return [
-        metrics.Observation(bulkhead.in_flight, {"reskit.bulkhead.name": bulkhead.name})
-        for bulkhead in live
-        if bulkhead.name is not None
-    ]
-
-
-def _register_gauge(meter: metrics.Meter) -> None:
-    meter.create_observable_gauge(
-        "reskit.bulkhead.occupancy",
-        callbacks=[_observe_occupancy],
-        unit="{call}",
-        description="Calls holding a bulkhead slot, per bulkhead",
-    )
-
-
-def _ensure_gauge() -> None:
-    """Create the gauge once on the global meter and once per override provider."""
-    global _gauge_on_global
-    override = _telemetry._mp_override
-    if _gauge_on_global and (override is None or override in _gauge_providers):
-        return
-    with _LIVE_LOCK:
-        if not _gauge_on_global:
-            # The API's proxy meter forwards to a provider configured later.
-            _register_gauge(metrics.get_meter("reskit"))
-            _gauge_on_global = True
-        if override is not None and override not in _gauge_providers:
-            _register_gauge(override.get_meter("reskit"))
-            _gauge_providers.add(override)
-
-
-def _register(bulkhead: Bulkhead) -> None:
-    with _LIVE_LOCK:
-        _LIVE.add(bulkhead)
-    _ensure_gauge()
+_GAUGE = _telemetry.LiveGauge(
+    "reskit.bulkhead.occupancy",
+    unit="{call}",
+    description="Calls holding a bulkhead slot, per bulkhead",
+    observe=lambda bulkhead: (
+        None
+        if bulkhead.name is None
+        else (bulkhead.in_flight, {"reskit.bulkhead.name": bulkhead.name})
+    ),
+)

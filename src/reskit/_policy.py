@@ -304,6 +304,14 @@ def _compile(runner: _Runner, policy: Policy, name: str) -> None:
         outer = _deadline.get()
         return outer if outer is not None and outer < own else own
 
+    def sample(probe: Any, ticket: Any, exc: BaseException | None, started: float) -> None:
+        """Tell the throttle and the breaker how the attempt they admitted ended."""
+        elapsed = _clock.now() - started if timed_attempts else 0.0
+        if ticket is not None:
+            throttle._record(ticket, exc, elapsed)  # type: ignore[union-attr]
+        if probe is not None:
+            breaker._record(probe, exc, elapsed)  # type: ignore[union-attr]
+
     # -- sync --------------------------------------------------------------
 
     def attempt_sync(
@@ -342,17 +350,9 @@ def _compile(runner: _Runner, policy: Policy, name: str) -> None:
                 when, kind = attempt_limit(d)
                 result = run_in_worker(fn, args, kwargs, when, name, timed_out, kind)
         except BaseException as exc:
-            elapsed = _clock.now() - started if timed_attempts else 0.0
-            if ticket is not None:
-                throttle._record(ticket, exc, elapsed)  # type: ignore[union-attr]
-            if probe is not None:
-                breaker._record(probe, exc, elapsed)  # type: ignore[union-attr]
+            sample(probe, ticket, exc, started)
             raise
-        elapsed = _clock.now() - started if timed_attempts else 0.0
-        if ticket is not None:
-            throttle._record(ticket, None, elapsed)  # type: ignore[union-attr]
-        if probe is not None:
-            breaker._record(probe, None, elapsed)  # type: ignore[union-attr]
+        sample(probe, ticket, None, started)
         return result
 
     def core_sync(fn: Callable[..., Any], args: Any, kwargs: Any, obs: _Observation | None) -> Any:
@@ -496,17 +496,9 @@ def _compile(runner: _Runner, policy: Policy, name: str) -> None:
             else:
                 result = await timed_async(fn, args, kwargs, d)
         except BaseException as exc:
-            elapsed = _clock.now() - started if timed_attempts else 0.0
-            if ticket is not None:
-                throttle._record(ticket, exc, elapsed)  # type: ignore[union-attr]
-            if probe is not None:
-                breaker._record(probe, exc, elapsed)  # type: ignore[union-attr]
+            sample(probe, ticket, exc, started)
             raise
-        elapsed = _clock.now() - started if timed_attempts else 0.0
-        if ticket is not None:
-            throttle._record(ticket, None, elapsed)  # type: ignore[union-attr]
-        if probe is not None:
-            breaker._record(probe, None, elapsed)  # type: ignore[union-attr]
+        sample(probe, ticket, None, started)
         return result
 
     async def core_async(

@@ -13,7 +13,9 @@ call notices and starts recording: nothing has to be re-decorated.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import Counter, Histogram, Meter, MeterProvider
     from opentelemetry.trace import TracerProvider
 
-__all__ = ["SpanCapture", "Sink", "configure_telemetry", "log", "sink"]
+__all__ = ["LiveGauge", "SpanCapture", "Sink", "configure_telemetry", "log", "sink"]
 
 _INSTRUMENTATION = "reskit"
 
@@ -146,6 +148,68 @@ def configure_telemetry(
     previous = (_tp_override, _mp_override)
     _tp_override, _mp_override = tracer_provider, meter_provider
     return _RestoreTelemetry(previous)
+
+
+class LiveGauge:
+    """An observable gauge reporting one value per live object (breakers, bulkheads).
+
+    Objects are held weakly. The gauge is created once on the global meter (the
+    API's proxy forwards it to a provider configured later) and once on every
+    provider given to :func:`configure_telemetry`, the first time
+    :meth:`ensure` runs while that provider is in force.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        unit: str,
+        description: str,
+        observe: Callable[[Any], tuple[float, dict[str, Any]] | None],
+    ) -> None:
+        self.name = name
+        self.unit = unit
+        self.description = description
+        self._observe = observe
+        # A WeakSet cannot be iterated while another thread adds to it.
+        self._lock = threading.Lock()
+        self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._on_global = False
+        self._providers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def track(self, obj: object) -> None:
+        """Report ``obj`` from now on, for as long as it lives."""
+        with self._lock:
+            self._live.add(obj)
+        self.ensure()
+
+    def ensure(self) -> None:
+        """Make sure the gauge exists on the meters now in force (cheap when it does)."""
+        override = _mp_override
+        if self._on_global and (override is None or override in self._providers):
+            return
+        with self._lock:
+            if not self._on_global:
+                self._register(_otel_metrics.get_meter(_INSTRUMENTATION))
+                self._on_global = True
+            if override is not None and override not in self._providers:
+                self._register(override.get_meter(_INSTRUMENTATION))
+                self._providers.add(override)
+
+    def _register(self, meter: Meter) -> None:
+        meter.create_observable_gauge(
+            self.name, callbacks=[self._callback], unit=self.unit, description=self.description
+        )
+
+    def _callback(self, options: Any) -> Iterable[Any]:
+        with self._lock:
+            live = list(self._live)
+        points = []
+        for obj in live:
+            point = self._observe(obj)
+            if point is not None:
+                points.append(_otel_metrics.Observation(*point))
+        return points
 
 
 def failsafe(what: str, fn: Any, *args: Any) -> None:
