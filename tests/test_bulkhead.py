@@ -25,15 +25,6 @@ from reskit.testing import FakeClock
 WAIT = 10.0  # seconds a test waits for another thread before failing
 
 
-def in_fake_wait(clock: FakeClock, threads: int = 1) -> Callable[[], bool]:
-    """True once ``threads`` threads sleep in the fake clock's wait.
-
-    Only then is their deadline fixed: advancing the clock any earlier would
-    move the start of the wait along with it.
-    """
-    return lambda: len(clock._cond._waiters) >= threads  # type: ignore[attr-defined]
-
-
 def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
     """Wait (in real time) for another thread to reach a state."""
     end = time.monotonic() + timeout
@@ -472,7 +463,7 @@ def test_thread_waiter_times_out_on_the_fake_clock(clock: FakeClock) -> None:
 
     thread = threading.Thread(target=worker)
     thread.start()
-    wait_until(in_fake_wait(clock))
+    clock.wait_for_waiting(1)
     clock.advance(1.9)
     assert thread.is_alive()
     clock.advance(0.2)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import time
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any
 
 import pytest
@@ -16,23 +15,6 @@ from reskit import AdaptiveThrottle, AIMDLimit, Bulkhead, BulkheadFull, CircuitB
 from reskit.testing import FakeClock, SpanCapture
 
 WAIT = 10.0
-
-
-def in_fake_wait(clock: FakeClock, threads: int = 1) -> Callable[[], bool]:
-    """True once ``threads`` threads sleep in the fake clock's wait.
-
-    Only then is their deadline fixed: advancing the clock any earlier would
-    move the start of the wait along with it.
-    """
-    return lambda: len(clock._cond._waiters) >= threads  # type: ignore[attr-defined]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.0005)
 
 
 class Held:
@@ -236,7 +218,7 @@ def test_an_outer_deadline_bounds_the_bulkhead_wait(clock: FakeClock) -> None:
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    wait_until(in_fake_wait(clock))
+    clock.wait_for_waiting(1)
     assert inner.bulkhead is not None
     assert inner.bulkhead.waiting == 1
     clock.advance(2.0)

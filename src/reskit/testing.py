@@ -81,6 +81,7 @@ class FakeClock:
         self._timers: list[tuple[float, int, _FakeTimer]] = []
         self._seq = itertools.count()
         self._previous: _clock.ClockBackend | None = None
+        self._waiting = 0
         #: Every sleep reskit (or the test) asked for, in order, in seconds.
         self.sleeps: list[float] = []
 
@@ -109,13 +110,37 @@ class FakeClock:
     def wait_until(self, event: threading.Event, deadline: float) -> bool:
         """Wait for ``event`` until the *fake* clock reaches ``deadline``."""
         with self._cond:
-            while not event.is_set():
-                if self._now >= deadline:
-                    return event.is_set()
-                # Short real waits so an event set without touching the clock is
-                # noticed too; time itself only moves when advanced.
-                self._cond.wait(0.001)
-            return True
+            self._waiting += 1
+            self._cond.notify_all()
+            try:
+                while not event.is_set():
+                    if self._now >= deadline:
+                        return event.is_set()
+                    # Short real waits so an event set without touching the clock
+                    # is noticed too; time itself only moves when advanced.
+                    self._cond.wait(0.001)
+                return True
+            finally:
+                self._waiting -= 1
+
+    @property
+    def waiting(self) -> int:
+        """How many threads are blocked in a wait on this clock right now."""
+        return self._waiting
+
+    def wait_for_waiting(self, count: int = 1, timeout: float = 10.0) -> None:
+        """Block, in real time, until ``count`` threads wait on this clock.
+
+        A test that starts a thread which will wait on the fake clock (a sync
+        timeout, a bulkhead queue) calls this before advancing the clock, so the
+        thread's deadline is fixed before time moves. Raises ``TimeoutError``
+        after ``timeout`` real seconds.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._waiting >= count, timeout):
+                raise TimeoutError(
+                    f"{self._waiting} thread(s) waiting on the fake clock, expected {count}"
+                )
 
     def call_at(
         self, loop: asyncio.AbstractEventLoop, when: float, callback: Callable[..., Any], *args: Any
