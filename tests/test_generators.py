@@ -777,3 +777,79 @@ def test_sync_generator_can_be_closed_from_another_context(spans: SpanCapture) -
     contextvars.copy_context().run(functools.partial(next, stream))
     stream.close()  # e.g. a server closing a streamed response body elsewhere
     assert only(spans.spans()).attributes["reskit.outcome"] == "cancelled"
+
+
+# -- regressions ------------------------------------------------------------------
+
+
+def test_sync_fallback_items_are_read_without_our_context_set() -> None:
+    import contextvars
+
+    policy = reskit.Policy("g", deadline=5.0, fallback=lambda exc: iter([1, 2]))
+
+    @policy
+    def failing() -> Iterator[int]:
+        raise ConnectionError("boom")
+        yield 0
+
+    stream = failing()
+    assert next(stream) == 1
+    assert reskit.remaining_deadline() is None  # nothing of ours between items
+    # Finishing in another context must not trip over a token from this one.
+    assert contextvars.copy_context().run(list, stream) == [2]
+    assert reskit.remaining_deadline() is None
+
+
+async def test_async_generator_step_after_the_deadline_is_cut_off(clock: FakeClock) -> None:
+    @reskit.Policy("s", deadline=1.0)
+    async def hangs_after_one() -> AsyncIterator[int]:
+        yield 1
+        await asyncio.Event().wait()
+        yield 2
+
+    stream = hangs_after_one()
+    assert await stream.__anext__() == 1
+    clock.advance(2.0)  # the deadline passed between two steps
+    with pytest.raises(reskit.TimeoutExceeded) as info:
+        await asyncio.wait_for(stream.__anext__(), 5.0)
+    assert info.value.kind == "deadline"
+
+
+def test_generator_stop_strategies_time_from_the_start_of_the_call(clock: FakeClock) -> None:
+    import tenacity
+
+    attempts = 0
+
+    @reskit.Policy(
+        "stop",
+        retry=reskit.Retry(attempts=5, on=ValueError, wait=0, stop=tenacity.stop_after_delay(3)),
+    )
+    def slow_failure() -> Iterator[int]:
+        nonlocal attempts
+        attempts += 1
+        clock.advance(5)
+        raise ValueError("slow")
+        yield 0
+
+    with pytest.raises(ValueError, match="slow"):
+        list(slow_failure())
+    assert attempts == 1
+
+
+async def test_timer_already_due_when_armed_still_fires(clock: FakeClock) -> None:
+    from reskit._timeout import Expiry, wheel_for
+
+    task = asyncio.current_task()
+    assert task is not None
+    expiry = Expiry(task)
+    bucket = wheel_for(task.get_loop()).arm(expiry, clock.now() - 1.0, 0.001)
+
+    async def two_loop_turns() -> None:
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    with pytest.raises(asyncio.CancelledError):
+        await two_loop_turns()
+    assert expiry.fired
+    assert task.uncancel() == 0
+    bucket.discard(expiry)

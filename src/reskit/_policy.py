@@ -687,6 +687,7 @@ class _Stream:
     """
 
     __slots__ = (
+        "began",
         "d",
         "held",
         "name",
@@ -708,7 +709,7 @@ class _Stream:
         self.permit: Any = None
         self.probe: Any = None
         self.retry_call: RetryCall | None = None
-        self.started = self.held = _clock.now()
+        self.started = self.held = self.began = _clock.now()
         d = _deadline.get()
         if policy.deadline is not None:
             own = _clock.now() + policy.deadline
@@ -753,7 +754,7 @@ class _Stream:
         if retry is None:
             return None
         if self.retry_call is None:
-            self.retry_call = RetryCall(retry, self.name, _clock.now())
+            self.retry_call = RetryCall(retry, self.name, self.began)
         delay = self.retry_call.next_delay(exc, self.d)
         if delay is not None:
             if self.obs is not None:
@@ -823,6 +824,7 @@ def _compile_streams(
             try:
                 if policy.bulkhead is not None:
                     stream.permit = policy.bulkhead._acquire(name, stream.partition(args, kwargs))
+                replacement = _NO_FALLBACK
                 while True:
                     tokens = stream.enter()
                     try:
@@ -838,13 +840,17 @@ def _compile_streams(
                             replacement = stream.fallback_for(exc)
                             if replacement is _NO_FALLBACK:
                                 raise
-                            return (yield from replacement)
+                            break
                         if delay > 0:
                             _clock.sleep(delay)
                         continue
                     finally:
                         stream.leave(tokens)
                     break
+                if replacement is not _NO_FALLBACK:
+                    # Yielded outside enter()/leave(): nothing of ours may stay set
+                    # in the consumer's context while it reads the items.
+                    return (yield from replacement)
                 while True:
                     try:
                         sent = yield item
@@ -882,6 +888,8 @@ def _compile_streams(
                 when, kind = stream.d, "deadline"
             if when is None:
                 return await advance()
+            if when <= _clock.now():
+                raise timed_out(kind)
             task = asyncio.current_task()
             assert task is not None
             expiry = Expiry(task)

@@ -74,9 +74,10 @@ class Wheel:
         key = math.ceil(when / grain) * grain
         bucket = self.buckets.get(key)
         if bucket is None:
-            bucket = self.buckets[key] = set()
+            bucket = self.buckets[key] = {expiry}
             _clock.call_at(self.loop, key, self._fire, key)
-        bucket.add(expiry)
+        else:
+            bucket.add(expiry)
         return bucket
 
     def _fire(self, key: float) -> None:
@@ -89,19 +90,23 @@ class Wheel:
 
 
 _wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Wheel] = weakref.WeakKeyDictionary()
-_last_loop: asyncio.AbstractEventLoop | None = None
+_wheels_lock = threading.Lock()
+# The wheel used last, as one object: two globals written separately could be
+# read half-updated by a thread running another event loop.
 _last_wheel: Wheel | None = None
 
 
 def wheel_for(loop: asyncio.AbstractEventLoop) -> Wheel:
     """The wheel of ``loop`` (cached for the loop used last)."""
-    global _last_loop, _last_wheel
-    if loop is _last_loop and _last_wheel is not None:
-        return _last_wheel
-    wheel = _wheels.get(loop)
-    if wheel is None:
-        wheel = _wheels[loop] = Wheel(loop)
-    _last_loop, _last_wheel = loop, wheel
+    global _last_wheel
+    last = _last_wheel
+    if last is not None and last.loop is loop:
+        return last
+    with _wheels_lock:
+        wheel = _wheels.get(loop)
+        if wheel is None:
+            wheel = _wheels[loop] = Wheel(loop)
+    _last_wheel = wheel
     return wheel
 
 

@@ -144,12 +144,13 @@ class FakeClock:
 
     def call_at(
         self, loop: asyncio.AbstractEventLoop, when: float, callback: Callable[..., Any], *args: Any
-    ) -> _FakeTimer:
+    ) -> _FakeTimer | asyncio.Handle:
+        if when <= self._now:
+            # Already due: like loop.call_at, run it soon, never inside this call.
+            return loop.call_soon_threadsafe(callback, *args)
         timer = _FakeTimer(loop, when, callback, args)
         with self._cond:
             heapq.heappush(self._timers, (when, next(self._seq), timer))
-        if when <= self._now:
-            self._run_due()
         return timer
 
     # -- control ----------------------------------------------------------
