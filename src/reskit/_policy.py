@@ -277,16 +277,19 @@ def _compile(runner: _Runner, policy: Policy, name: str) -> None:
             return d, "deadline"
         return when, "attempt"
 
-    # The drivers below are each one flat function: every layer of the canonical
-    # order is a block guarded by a constant test, not a nested call, because a
-    # Python call per layer would cost more than the strategies themselves.
+    # How the drivers are built. A Python call per layer of the canonical order
+    # would cost more than most strategies, so layers are blocks guarded by
+    # constant tests inside as few functions as possible:
+    #   [fallback] → [bulkhead] → [core: deadline → retry loop] → attempt
+    # The bracketed functions exist only when configured (a policy with neither
+    # retry nor deadline runs the attempt directly), and the attempt holds the
+    # breaker, throttle, attempt timeout and call.
 
     def retry_or_raise(
         exc: Exception, state: RetryCall | None, began: float, d: float | None, obs: Any
     ) -> tuple[RetryCall, float] | None:
         """After a failed attempt: the retry state and wait, or None to re-raise."""
-        if retry is None:
-            return None
+        assert retry is not None
         if state is None:
             state = RetryCall(retry, name, began if timed_retry else _clock.now())
         delay = state.next_delay(exc, d)
