@@ -442,13 +442,6 @@ def _compile(runner: _Runner, policy: Policy, name: str) -> None:
         return result
 
     def call(fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        if (
-            _TRACE_SLOT._TRACER_PROVIDER is None
-            and _METER_SLOT._METER_PROVIDER is None
-            and _telemetry._tp_override is None
-            and _telemetry._mp_override is None
-        ):
-            return run_sync(fn, args, kwargs, None)
         sink = _sink()
         if sink is None:
             return run_sync(fn, args, kwargs, None)
@@ -458,7 +451,8 @@ def _compile(runner: _Runner, policy: Policy, name: str) -> None:
         """The decorated function: ``call`` inlined, one frame fewer per call."""
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            # _telemetry.quiet(), inlined: a call costs more than the test.
+            # "Nothing records", tested inline: calling _telemetry.sink() costs more
+            # than the test; decorated functions are where the hot paths live.
             if (
                 _TRACE_SLOT._TRACER_PROVIDER is None
                 and _METER_SLOT._METER_PROVIDER is None

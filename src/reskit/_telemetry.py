@@ -67,19 +67,6 @@ _seen_mp: object = None
 _sink: Sink | None = None
 
 
-def quiet() -> bool:
-    """Whether nothing at all is configured to record (no providers, no overrides).
-
-    Callers inline this test as ``_QUIET_SLOTS`` reads; see :func:`sink`.
-    """
-    return (
-        _otel_trace._TRACER_PROVIDER is None
-        and _otel_metrics_internal._METER_PROVIDER is None
-        and _tp_override is None
-        and _mp_override is None
-    )
-
-
 def sink() -> Sink | None:
     """Return what records calls now, or ``None`` when nothing does."""
     tp = _tp_override or _otel_trace._TRACER_PROVIDER
