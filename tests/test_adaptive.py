@@ -123,11 +123,11 @@ def drive(
         permits = []
         started = _clock.now()
         for _ in range(bulkhead.limit):
-            permits.append(bulkhead._acquire("p", None))
+            permits.append(bulkhead.admit("p", None))
         clock.advance(latency)
         for permit in permits:
             exc = TimeoutExceeded("slow") if dropped else None
-            bulkhead._release(permit, _clock.now() - started, exc)
+            bulkhead.record(permit, exc, _clock.now() - started)
         history.append(bulkhead.limit)
     return history
 
@@ -166,9 +166,9 @@ def test_drops_drive_the_limit_to_its_floor_and_no_lower(clock: FakeClock) -> No
 def test_max_concurrent_stays_the_hard_ceiling() -> None:
     bulkhead = Bulkhead(8, limit=AIMDLimit(initial=5, max_limit=100))
     for _ in range(50):
-        permits = [bulkhead._acquire("p", None) for _ in range(bulkhead.limit)]
+        permits = [bulkhead.admit("p", None) for _ in range(bulkhead.limit)]
         for permit in permits:
-            bulkhead._release(permit, 0.01, None)
+            bulkhead.record(permit, None, 0.01)
     assert bulkhead.adaptive_limit is not None
     assert bulkhead.adaptive_limit.current > 8
     assert bulkhead.limit == 8

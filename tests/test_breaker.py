@@ -23,18 +23,18 @@ from reskit.testing import FakeClock, SpanCapture
 
 
 def succeed(breaker: CircuitBreaker, duration: float = 0.0) -> None:
-    permit = breaker._admit("test")
-    breaker._record(permit, None, duration)
+    permit = breaker.admit("test")
+    breaker.record(permit, None, duration)
 
 
 def fail(breaker: CircuitBreaker, exc: BaseException | None = None, duration: float = 0.0) -> None:
-    permit = breaker._admit("test")
-    breaker._record(permit, exc if exc is not None else RuntimeError("boom"), duration)
+    permit = breaker.admit("test")
+    breaker.record(permit, exc if exc is not None else RuntimeError("boom"), duration)
 
 
 def rejection(breaker: CircuitBreaker, policy: str = "test") -> CircuitOpen:
     with pytest.raises(CircuitOpen) as info:
-        breaker._admit(policy)
+        breaker.admit(policy)
     return info.value
 
 
@@ -137,13 +137,13 @@ def test_admit_after_reset_timeout_is_a_probe_even_without_reading_state(
     breaker = CircuitBreaker(fail_max=1, reset_timeout=5, listeners=[recorder])
     fail(breaker)
     clock.advance(5.001)
-    probe = breaker._admit("test")
+    probe = breaker.admit("test")
     assert recorder.changes() == [("closed", "open"), ("open", "half-open")]
     # The single probe slot is taken: the next caller is turned away at once.
     err = rejection(breaker)
     assert err.retry_after == 0.0
     assert "half-open" in str(err)
-    breaker._record(probe, None, 0.0)
+    breaker.record(probe, None, 0.0)
     assert breaker.state is BreakerState.CLOSED
 
 
@@ -200,13 +200,13 @@ def test_half_open_admits_at_most_half_open_max_calls_probes(clock: FakeClock) -
     breaker = CircuitBreaker(fail_max=1, reset_timeout=1, half_open_max_calls=3)
     trip(breaker)
     clock.advance(1)
-    probes = [breaker._admit("test") for _ in range(3)]
+    probes = [breaker.admit("test") for _ in range(3)]
     assert rejection(breaker).retry_after == 0.0
-    breaker._record(probes[0], None, 0.0)  # closes (success_threshold=1)
+    breaker.record(probes[0], None, 0.0)  # closes (success_threshold=1)
     assert breaker.state is BreakerState.CLOSED
     # The other two probes belong to the finished half-open phase: ignored.
-    breaker._record(probes[1], RuntimeError("late"), 0.0)
-    breaker._record(probes[2], RuntimeError("late"), 0.0)
+    breaker.record(probes[1], RuntimeError("late"), 0.0)
+    breaker.record(probes[2], RuntimeError("late"), 0.0)
     assert breaker.state is BreakerState.CLOSED
     assert breaker.fail_counter == 0
 
@@ -215,11 +215,11 @@ def test_a_finished_probe_frees_its_slot_for_the_next(clock: FakeClock) -> None:
     breaker = CircuitBreaker(fail_max=1, reset_timeout=1, success_threshold=2)
     trip(breaker)
     clock.advance(1)
-    first = breaker._admit("test")
+    first = breaker.admit("test")
     rejection(breaker)
-    breaker._record(first, None, 0.0)
-    second = breaker._admit("test")
-    breaker._record(second, None, 0.0)
+    breaker.record(first, None, 0.0)
+    second = breaker.admit("test")
+    breaker.record(second, None, 0.0)
     assert breaker.state is BreakerState.CLOSED
 
 
@@ -333,9 +333,9 @@ def test_a_probe_ending_in_neither_frees_its_slot_and_decides_nothing(
     breaker = CircuitBreaker(fail_max=1, reset_timeout=1)
     trip(breaker)
     clock.advance(1)
-    probe = breaker._admit("test")
+    probe = breaker.admit("test")
     rejection(breaker)
-    breaker._record(probe, exc, 0.0)
+    breaker.record(probe, exc, 0.0)
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.success_counter == 0
     succeed(breaker)  # the slot is free again
@@ -347,10 +347,10 @@ def test_a_probe_ending_in_neither_frees_its_slot_and_decides_nothing(
 
 def test_a_call_admitted_while_closed_cannot_close_an_open_breaker(clock: FakeClock) -> None:
     breaker = CircuitBreaker(fail_max=1, reset_timeout=10)
-    slow = breaker._admit("test")
+    slow = breaker.admit("test")
     fail(breaker)
     assert breaker.state is BreakerState.OPEN
-    breaker._record(slow, None, 30.0)
+    breaker.record(slow, None, 30.0)
     assert breaker.state is BreakerState.OPEN
     clock.advance(10)
     assert breaker.state is BreakerState.HALF_OPEN
@@ -360,22 +360,22 @@ def test_a_call_admitted_while_closed_cannot_reopen_a_half_open_breaker(
     clock: FakeClock,
 ) -> None:
     breaker = CircuitBreaker(fail_max=1, reset_timeout=10)
-    old = breaker._admit("test")
+    old = breaker.admit("test")
     fail(breaker)
     clock.advance(10)
     assert breaker.state is BreakerState.HALF_OPEN
-    breaker._record(old, RuntimeError("late failure"), 10.0)
+    breaker.record(old, RuntimeError("late failure"), 10.0)
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.fail_counter == 1
 
 
 def test_a_call_from_a_previous_closed_phase_is_not_counted(clock: FakeClock) -> None:
     breaker = CircuitBreaker(fail_max=2, reset_timeout=1)
-    old = breaker._admit("test")
+    old = breaker.admit("test")
     breaker.open()
     breaker.close()
     fail(breaker)
-    breaker._record(old, RuntimeError("from before"), 0.0)
+    breaker.record(old, RuntimeError("from before"), 0.0)
     assert breaker.fail_counter == 1
     assert breaker.state is BreakerState.CLOSED
 
@@ -384,14 +384,14 @@ def test_a_probe_from_an_older_half_open_phase_cannot_close(clock: FakeClock) ->
     breaker = CircuitBreaker(fail_max=1, reset_timeout=1)
     trip(breaker)
     clock.advance(1)
-    old_probe = breaker._admit("test")
+    old_probe = breaker.admit("test")
     breaker.open()
     clock.advance(1)
     assert breaker.state is BreakerState.HALF_OPEN
-    new_probe = breaker._admit("test")  # the new phase has its own slot
-    breaker._record(old_probe, None, 0.0)
+    new_probe = breaker.admit("test")  # the new phase has its own slot
+    breaker.record(old_probe, None, 0.0)
     assert breaker.state is BreakerState.HALF_OPEN
-    breaker._record(new_probe, None, 0.0)
+    breaker.record(new_probe, None, 0.0)
     assert breaker.state is BreakerState.CLOSED
 
 
@@ -399,9 +399,9 @@ def test_recording_a_probe_twice_counts_once(clock: FakeClock) -> None:
     breaker = CircuitBreaker(fail_max=1, reset_timeout=1, success_threshold=2)
     trip(breaker)
     clock.advance(1)
-    probe = breaker._admit("test")
-    breaker._record(probe, None, 0.0)
-    breaker._record(probe, None, 0.0)
+    probe = breaker.admit("test")
+    breaker.record(probe, None, 0.0)
+    breaker.record(probe, None, 0.0)
     assert breaker.success_counter == 1
     assert breaker.state is BreakerState.HALF_OPEN
 
@@ -410,15 +410,15 @@ def test_max_half_open_wait_frees_the_slot_of_a_hung_probe(clock: FakeClock) -> 
     breaker = CircuitBreaker(fail_max=1, reset_timeout=1, max_half_open_wait=30)
     trip(breaker)
     clock.advance(1)
-    hung = breaker._admit("test")
+    hung = breaker.admit("test")
     clock.advance(29.999)
     assert rejection(breaker).retry_after == 0.0
     clock.advance(0.001)
-    probe = breaker._admit("test")
+    probe = breaker.admit("test")
     # The hung probe's late result was written off: it decides nothing.
-    breaker._record(hung, RuntimeError("finally failed"), 31.0)
+    breaker.record(hung, RuntimeError("finally failed"), 31.0)
     assert breaker.state is BreakerState.HALF_OPEN
-    breaker._record(probe, None, 0.0)
+    breaker.record(probe, None, 0.0)
     assert breaker.state is BreakerState.CLOSED
 
 
@@ -426,7 +426,7 @@ def test_without_max_half_open_wait_a_hung_probe_keeps_its_slot(clock: FakeClock
     breaker = CircuitBreaker(fail_max=1, reset_timeout=1)
     trip(breaker)
     clock.advance(1)
-    breaker._admit("test")
+    breaker.admit("test")
     clock.advance(10**6)
     assert rejection(breaker).retry_after == 0.0
 
@@ -683,9 +683,9 @@ def test_disable_admits_everything_and_records_nothing(clock: FakeClock) -> None
 def test_a_call_admitted_while_disabled_is_not_counted_after_reset(clock: FakeClock) -> None:
     breaker = CircuitBreaker(fail_max=1)
     breaker.disable()
-    permit = breaker._admit("test")
+    permit = breaker.admit("test")
     breaker.reset()
-    breaker._record(permit, RuntimeError("x"), 0.0)
+    breaker.record(permit, RuntimeError("x"), 0.0)
     assert breaker.state is BreakerState.CLOSED
 
 
@@ -840,9 +840,9 @@ def test_before_call_gets_the_function_and_arguments_when_given(clock: FakeClock
     def target(x: int, *, y: int) -> int:
         return x + y
 
-    permit = breaker._admit("test", target, (1,), {"y": 2})
-    breaker._record(permit, None, 0.0)
-    breaker._record(breaker._admit("test"), None, 0.0)
+    permit = breaker.admit("test", None, target, (1,), {"y": 2})
+    breaker.record(permit, None, 0.0)
+    breaker.record(breaker.admit("test"), None, 0.0)
     assert recorder.events == [
         ("before_call", target, (1,), {"y": 2}),
         ("success",),

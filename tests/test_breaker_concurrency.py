@@ -144,7 +144,7 @@ def test_1000_threads_at_a_half_open_breaker_admit_exactly_max_calls(
     def arrive(barrier: threading.Barrier) -> None:
         barrier.wait(BARRIER_TIMEOUT)
         try:
-            permits.append(breaker._admit("herd"))
+            permits.append(breaker.admit("herd"))
         except CircuitOpen as exc:
             rejected.append(exc.retry_after)
 
@@ -155,7 +155,7 @@ def test_1000_threads_at_a_half_open_breaker_admit_exactly_max_calls(
     assert listener.changes == [("closed", "open"), ("open", "half-open")]
 
     for permit in permits:
-        breaker._record(permit, None, 0.0)
+        breaker.record(permit, None, 0.0)
     assert breaker.state is BreakerState.CLOSED
     assert listener.changes[2:] == [("half-open", "closed")]
 
@@ -188,9 +188,9 @@ def test_threads_failing_together_open_it_exactly_once(clock: FakeClock, threads
         breaker = CircuitBreaker(fail_max=1, listeners=[listener])
 
         def fail_together(barrier: threading.Barrier, breaker: CircuitBreaker = breaker) -> None:
-            permit = breaker._admit("race")
+            permit = breaker.admit("race")
             barrier.wait(BARRIER_TIMEOUT)
-            breaker._record(permit, RuntimeError("down"), 0.0)
+            breaker.record(permit, RuntimeError("down"), 0.0)
 
         with structlog.testing.capture_logs() as logs:
             run_together(threads, fail_together)
@@ -212,9 +212,9 @@ def test_threads_reaching_fail_max_together_count_every_failure(
         breaker = CircuitBreaker(fail_max=threads, listeners=[listener])
 
         def fail_together(barrier: threading.Barrier, breaker: CircuitBreaker = breaker) -> None:
-            permit = breaker._admit("race")
+            permit = breaker.admit("race")
             barrier.wait(BARRIER_TIMEOUT)
-            breaker._record(permit, RuntimeError("down"), 0.0)
+            breaker.record(permit, RuntimeError("down"), 0.0)
 
         run_together(threads, fail_together)
         assert listener.changes == [("closed", "open")]
@@ -233,10 +233,10 @@ def test_rate_mode_opens_exactly_once_under_concurrent_failures(clock: FakeClock
             barrier.wait(BARRIER_TIMEOUT)
             for _ in range(2):
                 try:
-                    permit = breaker._admit("race")
+                    permit = breaker.admit("race")
                 except CircuitOpen:
                     continue
-                breaker._record(permit, RuntimeError("down"), 0.0)
+                breaker.record(permit, RuntimeError("down"), 0.0)
 
         run_together(32, fail_twice)
         assert listener.changes == [("closed", "open")]
@@ -248,7 +248,7 @@ def test_probes_failing_together_reopen_it_exactly_once(clock: FakeClock) -> Non
     breaker = CircuitBreaker(reset_timeout=1, half_open_max_calls=50, listeners=[listener])
     opened(breaker)
     clock.advance(1)
-    probes = [breaker._admit("probe") for _ in range(50)]
+    probes = [breaker.admit("probe") for _ in range(50)]
     it = iter(probes)
     lock = threading.Lock()
 
@@ -256,7 +256,7 @@ def test_probes_failing_together_reopen_it_exactly_once(clock: FakeClock) -> Non
         with lock:
             probe = next(it)
         barrier.wait(BARRIER_TIMEOUT)
-        breaker._record(probe, RuntimeError("still down"), 0.0)
+        breaker.record(probe, RuntimeError("still down"), 0.0)
 
     run_together(50, fail_probe)
     assert listener.changes == [("closed", "open"), ("open", "half-open"), ("half-open", "open")]
@@ -272,8 +272,8 @@ def test_fail_counter_is_exact_after_a_stress(clock: FakeClock) -> None:
     def hammer(barrier: threading.Barrier) -> None:
         barrier.wait(BARRIER_TIMEOUT)
         for _ in range(2000):
-            permit = breaker._admit("stress")
-            breaker._record(permit, RuntimeError("down"), 0.0)
+            permit = breaker.admit("stress")
+            breaker.record(permit, RuntimeError("down"), 0.0)
 
     run_together(16, hammer)
     assert breaker.fail_counter == 16 * 2000
@@ -293,8 +293,8 @@ def test_window_and_listener_counts_are_exact_after_a_stress(clock: FakeClock) -
     def hammer(barrier: threading.Barrier) -> None:
         barrier.wait(BARRIER_TIMEOUT)
         for i in range(1000):
-            permit = breaker._admit("stress")
-            breaker._record(permit, RuntimeError("down") if i % 4 == 0 else None, float(i % 2))
+            permit = breaker.admit("stress")
+            breaker.record(permit, RuntimeError("down") if i % 4 == 0 else None, float(i % 2))
 
     run_together(16, hammer)
     window = breaker._window
@@ -314,8 +314,8 @@ def test_probe_counts_are_exact_after_a_stress(clock: FakeClock) -> None:
     def probe(barrier: threading.Barrier) -> None:
         barrier.wait(BARRIER_TIMEOUT)
         for _ in range(1000):
-            permit = breaker._admit("stress")  # never rejected: one slot per thread
-            breaker._record(permit, None, 0.0)
+            permit = breaker.admit("stress")  # never rejected: one slot per thread
+            breaker.record(permit, None, 0.0)
 
     run_together(16, probe)
     assert breaker.success_counter == 16 * 1000
@@ -334,9 +334,9 @@ def test_50_concurrent_calls_through_a_closed_breaker_run_at_once(clock: FakeClo
 
     def call(start: threading.Barrier) -> None:
         start.wait(BARRIER_TIMEOUT)
-        permit = breaker._admit("parallel")
+        permit = breaker.admit("parallel")
         in_flight.wait(BARRIER_TIMEOUT)
-        breaker._record(permit, None, 0.2)
+        breaker.record(permit, None, 0.2)
 
     run_together(50, call)
     assert listener.successes == 50
@@ -350,9 +350,9 @@ def test_50_concurrent_probes_run_at_once(clock: FakeClock) -> None:
 
     def call(start: threading.Barrier) -> None:
         start.wait(BARRIER_TIMEOUT)
-        permit = breaker._admit("parallel")
+        permit = breaker.admit("parallel")
         in_flight.wait(BARRIER_TIMEOUT)
-        breaker._record(permit, None, 0.2)
+        breaker.record(permit, None, 0.2)
 
     run_together(50, call)
     assert breaker.state is BreakerState.CLOSED
@@ -376,7 +376,7 @@ def test_listeners_run_outside_the_lock(clock: FakeClock) -> None:
             assert not worker.is_alive()
 
     breaker.add_listener(UsesTheBreaker())
-    breaker._record(breaker._admit("x"), RuntimeError("down"), 0.0)
+    breaker.record(breaker.admit("x"), RuntimeError("down"), 0.0)
     assert seen[0] is BreakerState.CLOSED
 
 
@@ -390,7 +390,7 @@ async def test_a_cancelled_probe_frees_its_slot(clock: FakeClock) -> None:
     started = asyncio.Event()
 
     async def probe() -> None:
-        permit = breaker._admit("probe")
+        permit = breaker.admit("probe")
         exc: BaseException | None = None
         try:
             started.set()
@@ -399,17 +399,17 @@ async def test_a_cancelled_probe_frees_its_slot(clock: FakeClock) -> None:
             exc = e
             raise
         finally:
-            breaker._record(permit, exc, 0.0)
+            breaker.record(permit, exc, 0.0)
 
     task = asyncio.create_task(probe())
     await until_started(task, started)
     with pytest.raises(CircuitOpen):
-        breaker._admit("other")
+        breaker.admit("other")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert breaker.state is BreakerState.HALF_OPEN
-    breaker._record(breaker._admit("next"), None, 0.0)
+    breaker.record(breaker.admit("next"), None, 0.0)
     assert breaker.state is BreakerState.CLOSED
 
 
@@ -420,7 +420,7 @@ def test_a_probe_interrupted_by_keyboard_interrupt_frees_its_slot(clock: FakeClo
     caught: list[BaseException] = []
 
     def probe(barrier: threading.Barrier) -> None:
-        permit = breaker._admit("probe")
+        permit = breaker.admit("probe")
         exc: BaseException | None = None
         try:
             raise KeyboardInterrupt
@@ -428,13 +428,13 @@ def test_a_probe_interrupted_by_keyboard_interrupt_frees_its_slot(clock: FakeClo
             exc = e
             caught.append(e)
         finally:
-            breaker._record(permit, exc, 0.0)
+            breaker.record(permit, exc, 0.0)
 
     run_together(1, probe)
     assert isinstance(caught[0], KeyboardInterrupt)
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.fail_counter == 0
-    breaker._record(breaker._admit("next"), None, 0.0)
+    breaker.record(breaker.admit("next"), None, 0.0)
     assert breaker.state is BreakerState.CLOSED
 
 
@@ -445,7 +445,7 @@ def reject(breaker: CircuitBreaker, times: int) -> CircuitOpen:
     last: CircuitOpen | None = None
     for _ in range(times):
         try:
-            breaker._admit("flood")
+            breaker.admit("flood")
         except CircuitOpen as exc:
             last = exc
     assert last is not None
@@ -502,16 +502,16 @@ def test_rejections_do_not_lock(clock: FakeClock) -> None:
     with breaker._lock:  # held elsewhere: an open breaker still answers at once
         for _ in range(3):
             with pytest.raises(CircuitOpen):
-                breaker._admit("x")
+                breaker.admit("x")
         permit_free = CircuitBreaker()
-        permit_free._record(permit_free._admit("x"), None, 0.0)
+        permit_free.record(permit_free.admit("x"), None, 0.0)
 
 
 def test_closed_successes_do_not_lock(clock: FakeClock) -> None:
     breaker = CircuitBreaker()
     with breaker._lock:
         for _ in range(3):
-            breaker._record(breaker._admit("x"), None, 0.0)
+            breaker.record(breaker.admit("x"), None, 0.0)
 
 
 def test_fake_clock_is_shared_by_threads() -> None:

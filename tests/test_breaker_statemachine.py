@@ -205,10 +205,10 @@ class BreakerMachine(RuleBasedStateMachine):
         expected = self.model.admit(now)
         self._expect(before)
         if isinstance(expected, ModelPermit):
-            permit = self.breaker._admit("machine")
+            permit = self.breaker.admit("machine")
             return permit, expected
         with pytest.raises(CircuitOpen) as info:
-            self.breaker._admit("machine")
+            self.breaker.admit("machine")
         assert info.value.retry_after == expected
         assert info.value.policy == "machine"
         return None
@@ -218,7 +218,7 @@ class BreakerMachine(RuleBasedStateMachine):
         before = self._track()
         self.model.record(model_permit, outcome, self.clock.now())
         self._expect(before)
-        self.breaker._record(permit, OUTCOMES[outcome], duration)
+        self.breaker.record(permit, OUTCOMES[outcome], duration)
 
     @rule(outcome=st.sampled_from(sorted(OUTCOMES)), duration=st.sampled_from([0.0, 1e6]))
     def call(self, outcome: str, duration: float) -> None:
@@ -358,10 +358,10 @@ def test_consecutive_mode_matches_pybreaker(
 
         def run_ours(outcome: str) -> str:
             try:
-                permit = ours._admit("oracle")
+                permit = ours.admit("oracle")
             except CircuitOpen:
                 return "rejected"
-            ours._record(permit, OUTCOMES[outcome], 0.0)
+            ours.record(permit, OUTCOMES[outcome], 0.0)
             return "called"
 
         with mock.patch.object(pybreaker, "datetime", FakeDatetime):

@@ -72,7 +72,7 @@ def test_200_threads_exactly_max_concurrent_admitted() -> None:
     def worker() -> None:
         start.wait(WAIT)
         try:
-            permit = bulkhead._acquire("p", None)
+            permit = bulkhead.admit("p", None)
         except BulkheadFull:
             with lock:
                 outcomes["rejected"] += 1
@@ -84,7 +84,7 @@ def test_200_threads_exactly_max_concurrent_admitted() -> None:
             assert hold.wait(WAIT)
         finally:
             peak.exit()
-            bulkhead._release(permit, 0.0, None)
+            bulkhead.record(permit, None, 0.0)
 
     threads = [threading.Thread(target=worker) for _ in range(200)]
     for thread in threads:
@@ -106,7 +106,7 @@ async def test_500_tasks_exactly_max_concurrent_admitted() -> None:
 
     async def call() -> str:
         try:
-            permit = await bulkhead._aacquire("p", None)
+            permit = await bulkhead.admit_async("p", None)
         except BulkheadFull:
             return "rejected"
         peak.enter()
@@ -114,7 +114,7 @@ async def test_500_tasks_exactly_max_concurrent_admitted() -> None:
             await asyncio.wait_for(hold.wait(), WAIT)
         finally:
             peak.exit()
-            bulkhead._release(permit, 0.0, None)
+            bulkhead.record(permit, None, 0.0)
         return "admitted"
 
     tasks = [asyncio.create_task(call()) for _ in range(500)]
@@ -137,14 +137,14 @@ def test_threads_with_a_queue_all_run_and_never_exceed_the_limit() -> None:
 
     def worker(i: int) -> None:
         try:
-            permit = bulkhead._acquire("p", None)
+            permit = bulkhead.admit("p", None)
             peak.enter()
             try:
                 ran.append(i)
                 assert tokens.acquire(timeout=WAIT)
             finally:
                 peak.exit()
-                bulkhead._release(permit, 0.0, None)
+                bulkhead.record(permit, None, 0.0)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -167,13 +167,13 @@ async def test_tasks_with_a_queue_all_run_and_never_exceed_the_limit() -> None:
     peak = Peak()
 
     async def call() -> None:
-        permit = await bulkhead._aacquire("p", None)
+        permit = await bulkhead.admit_async("p", None)
         peak.enter()
         try:
             await asyncio.sleep(0)  # yield so that others pile up behind us
         finally:
             peak.exit()
-            bulkhead._release(permit, 0.0, None)
+            bulkhead.record(permit, None, 0.0)
 
     await asyncio.wait_for(asyncio.gather(*(call() for _ in range(500))), WAIT)
     assert peak.peak == 7
@@ -194,20 +194,20 @@ def test_stress_threads_and_tasks_share_one_bulkhead() -> None:
         try:
             start.wait(WAIT)
             for _ in range(rounds):
-                permit = bulkhead._acquire("p", None)
+                permit = bulkhead.admit("p", None)
                 peak.enter()
                 peak.exit()
-                bulkhead._release(permit, 0.0, None)
+                bulkhead.record(permit, None, 0.0)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
     async def task_worker() -> None:
         for _ in range(rounds):
-            permit = await bulkhead._aacquire("p", None)
+            permit = await bulkhead.admit_async("p", None)
             peak.enter()
             await asyncio.sleep(0)
             peak.exit()
-            bulkhead._release(permit, 0.0, None)
+            bulkhead.record(permit, None, 0.0)
 
     def loop_worker() -> None:
         async def main() -> None:
@@ -272,32 +272,32 @@ class HookedTokens(list[None]):
 def test_race_caller_queues_between_the_release_check_and_the_publish() -> None:
     bulkhead = Bulkhead(1, max_waiting=1)
     tokens = bulkhead._default.free = HookedTokens(bulkhead, bulkhead._default.free)
-    holder = bulkhead._acquire("p", None)
+    holder = bulkhead.admit("p", None)
     got: list[Any] = []
-    thread = threading.Thread(target=lambda: got.append(bulkhead._acquire("p", None)))
+    thread = threading.Thread(target=lambda: got.append(bulkhead.admit("p", None)))
 
     def caller_queues() -> None:  # after the releaser saw no waiters
         thread.start()
         wait_until(lambda: bulkhead.waiting == 1)
 
     tokens.on_append = caller_queues
-    bulkhead._release(holder, 0.0, None)
+    bulkhead.record(holder, None, 0.0)
     thread.join(WAIT)
     assert len(got) == 1, "the queued caller missed the slot released under it"
     assert (bulkhead.waiting, len(tokens)) == (0, 0)
-    bulkhead._release(got[0], 0.0, None)
+    bulkhead.record(got[0], None, 0.0)
 
 
 async def test_race_slot_freed_between_the_failed_take_and_queueing() -> None:
     bulkhead = Bulkhead(1, max_waiting=1)
     tokens = bulkhead._default.free = HookedTokens(bulkhead, bulkhead._default.free)
-    holder = await bulkhead._aacquire("p", None)
+    holder = await bulkhead.admit_async("p", None)
     # While the newcomer holds the lock having found no token, the holder
     # releases without the lock: nobody is queued yet, so it just publishes.
-    tokens.on_empty_locked = lambda: bulkhead._release(holder, 0.0, None)
-    permit = await asyncio.wait_for(bulkhead._aacquire("p", None), WAIT)
+    tokens.on_empty_locked = lambda: bulkhead.record(holder, None, 0.0)
+    permit = await asyncio.wait_for(bulkhead.admit_async("p", None), WAIT)
     assert (bulkhead.in_flight, bulkhead.waiting) == (1, 0)
-    bulkhead._release(permit, 0.0, None)
+    bulkhead.record(permit, None, 0.0)
     assert len(tokens) == 1
 
 
@@ -306,13 +306,13 @@ async def test_race_slot_freed_between_the_failed_take_and_queueing() -> None:
 
 def test_threads_are_admitted_in_arrival_order() -> None:
     bulkhead = Bulkhead(1, max_waiting=20)
-    holder = bulkhead._acquire("p", None)
+    holder = bulkhead.admit("p", None)
     order: list[int] = []
 
     def worker(i: int) -> None:
-        permit = bulkhead._acquire("p", None)
+        permit = bulkhead.admit("p", None)
         order.append(i)
-        bulkhead._release(permit, 0.0, None)
+        bulkhead.record(permit, None, 0.0)
 
     threads = []
     for i in range(20):
@@ -320,7 +320,7 @@ def test_threads_are_admitted_in_arrival_order() -> None:
         thread.start()
         threads.append(thread)
         wait_until(lambda n=i + 1: bulkhead.waiting == n)  # type: ignore[misc]
-    bulkhead._release(holder, 0.0, None)
+    bulkhead.record(holder, None, 0.0)
     for thread in threads:
         thread.join(WAIT)
     assert order == list(range(20))
@@ -328,14 +328,14 @@ def test_threads_are_admitted_in_arrival_order() -> None:
 
 async def test_tasks_are_admitted_in_arrival_order() -> None:
     bulkhead = Bulkhead(2, max_waiting=50)
-    holders = [await bulkhead._aacquire("p", None) for _ in range(2)]
+    holders = [await bulkhead.admit_async("p", None) for _ in range(2)]
     order: list[int] = []
 
     async def call(i: int) -> None:
-        permit = await bulkhead._aacquire("p", None)
+        permit = await bulkhead.admit_async("p", None)
         order.append(i)
         await asyncio.sleep(0)
-        bulkhead._release(permit, 0.0, None)
+        bulkhead.record(permit, None, 0.0)
 
     tasks = []
     for i in range(50):
@@ -343,29 +343,29 @@ async def test_tasks_are_admitted_in_arrival_order() -> None:
         await settle(1)
     assert bulkhead.waiting == 50
     for permit in holders:
-        bulkhead._release(permit, 0.0, None)
+        bulkhead.record(permit, None, 0.0)
     await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
     assert order == list(range(50))
 
 
 async def test_a_newcomer_never_overtakes_the_queue() -> None:
     bulkhead = Bulkhead(1, max_waiting=1)
-    holder = await bulkhead._aacquire("p", None)
-    queued = asyncio.create_task(bulkhead._aacquire("p", None))
+    holder = await bulkhead.admit_async("p", None)
+    queued = asyncio.create_task(bulkhead.admit_async("p", None))
     await settle()
-    bulkhead._release(holder, 0.0, None)
+    bulkhead.record(holder, None, 0.0)
     # The slot now belongs to the queued task even though it has not run yet,
     # so a thread arriving now has to queue behind it.
     assert (bulkhead.in_flight, bulkhead.waiting) == (1, 0)
     got: list[Any] = []
-    thread = threading.Thread(target=lambda: got.append(bulkhead._acquire("p", None)))
+    thread = threading.Thread(target=lambda: got.append(bulkhead.admit("p", None)))
     thread.start()
     await asyncio.to_thread(wait_until, lambda: bulkhead.waiting == 1)
     assert got == []
-    bulkhead._release(await queued, 0.0, None)
+    bulkhead.record(await queued, None, 0.0)
     await asyncio.to_thread(thread.join, WAIT)
     assert len(got) == 1
-    bulkhead._release(got[0], 0.0, None)
+    bulkhead.record(got[0], None, 0.0)
     assert (bulkhead.in_flight, bulkhead.waiting) == (0, 0)
 
 
@@ -374,57 +374,57 @@ async def test_a_newcomer_never_overtakes_the_queue() -> None:
 
 async def test_cancelled_waiter_leaves_no_queue_entry_and_no_permit() -> None:
     bulkhead = Bulkhead(1, max_waiting=5)
-    holder = await bulkhead._aacquire("p", None)
-    waiter = asyncio.create_task(bulkhead._aacquire("p", None))
+    holder = await bulkhead.admit_async("p", None)
+    waiter = asyncio.create_task(bulkhead.admit_async("p", None))
     await settle()
     assert bulkhead.waiting == 1
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert (bulkhead.in_flight, bulkhead.waiting) == (1, 0)
-    bulkhead._release(holder, 0.0, None)
+    bulkhead.record(holder, None, 0.0)
     assert bulkhead.in_flight == 0
     # The bulkhead is whole again: the full capacity is there.
-    permit = await asyncio.wait_for(bulkhead._aacquire("p", None), WAIT)
+    permit = await asyncio.wait_for(bulkhead.admit_async("p", None), WAIT)
     assert bulkhead.in_flight == 1
-    bulkhead._release(permit, 0.0, None)
+    bulkhead.record(permit, None, 0.0)
     assert (bulkhead.in_flight, bulkhead.waiting) == (0, 0)
 
 
 async def test_waiter_cancelled_after_the_slot_was_handed_to_it_passes_it_on() -> None:
     bulkhead = Bulkhead(1, max_waiting=5)
-    holder = await bulkhead._aacquire("p", None)
-    first = asyncio.create_task(bulkhead._aacquire("p", None))
+    holder = await bulkhead.admit_async("p", None)
+    first = asyncio.create_task(bulkhead.admit_async("p", None))
     await settle()
-    second = asyncio.create_task(bulkhead._aacquire("p", None))
+    second = asyncio.create_task(bulkhead.admit_async("p", None))
     await settle()
     assert bulkhead.waiting == 2
-    bulkhead._release(holder, 0.0, None)  # hands the slot to ``first``...
+    bulkhead.record(holder, None, 0.0)  # hands the slot to ``first``...
     first.cancel()  # ...which is cancelled before it runs again
     with pytest.raises(asyncio.CancelledError):
         await first
     permit = await asyncio.wait_for(second, WAIT)
     assert (bulkhead.in_flight, bulkhead.waiting) == (1, 0)
-    bulkhead._release(permit, 0.0, None)
+    bulkhead.record(permit, None, 0.0)
     assert (bulkhead.in_flight, bulkhead.waiting) == (0, 0)
 
 
 async def test_cancelling_many_waiters_leaves_the_bulkhead_whole() -> None:
     bulkhead = Bulkhead(3, max_waiting=100)
-    holders = [await bulkhead._aacquire("p", None) for _ in range(3)]
-    waiters = [asyncio.create_task(bulkhead._aacquire("p", None)) for _ in range(100)]
+    holders = [await bulkhead.admit_async("p", None) for _ in range(3)]
+    waiters = [asyncio.create_task(bulkhead.admit_async("p", None)) for _ in range(100)]
     await settle()
     assert bulkhead.waiting == 100
     for permit in holders:
-        bulkhead._release(permit, 0.0, None)
+        bulkhead.record(permit, None, 0.0)
     for task in waiters:  # the first three were granted, cancel them all anyway
         task.cancel()
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
     assert (bulkhead.in_flight, bulkhead.waiting) == (0, 0)
-    permits = [await bulkhead._aacquire("p", None) for _ in range(3)]
+    permits = [await bulkhead.admit_async("p", None) for _ in range(3)]
     for permit in permits:
-        bulkhead._release(permit, 0.0, None)
+        bulkhead.record(permit, None, 0.0)
 
 
 # -- wait timeouts and deadlines ------------------------------------------------------
@@ -432,8 +432,8 @@ async def test_cancelling_many_waiters_leaves_the_bulkhead_whole() -> None:
 
 async def test_async_waiter_times_out_on_the_fake_clock(clock: FakeClock) -> None:
     bulkhead = Bulkhead(1, max_waiting=1, wait_timeout=0.5)
-    holder = await bulkhead._aacquire("p", None)
-    waiter = asyncio.create_task(bulkhead._aacquire("orders", None))
+    holder = await bulkhead.admit_async("p", None)
+    waiter = asyncio.create_task(bulkhead.admit_async("orders", None))
     await settle()
     clock.advance(0.499)
     await settle()
@@ -446,18 +446,18 @@ async def test_async_waiter_times_out_on_the_fake_clock(clock: FakeClock) -> Non
     assert info.value.policy == "orders"
     assert info.value.retry_after == 0.5  # no call finished yet: the wait timeout
     assert (bulkhead.in_flight, bulkhead.waiting) == (1, 0)
-    bulkhead._release(holder, 0.0, None)
+    bulkhead.record(holder, None, 0.0)
     assert bulkhead.in_flight == 0
 
 
 def test_thread_waiter_times_out_on_the_fake_clock(clock: FakeClock) -> None:
     bulkhead = Bulkhead(1, max_waiting=1, wait_timeout=timedelta(seconds=2))
-    holder = bulkhead._acquire("p", None)
+    holder = bulkhead.admit("p", None)
     outcome: list[BaseException] = []
 
     def worker() -> None:
         try:
-            bulkhead._acquire("p", None)
+            bulkhead.admit("p", None)
         except BaseException as exc:
             outcome.append(exc)
 
@@ -472,16 +472,16 @@ def test_thread_waiter_times_out_on_the_fake_clock(clock: FakeClock) -> None:
     assert len(outcome) == 1
     assert isinstance(outcome[0], BulkheadFull)
     assert (bulkhead.in_flight, bulkhead.waiting) == (1, 0)
-    bulkhead._release(holder, 0.0, None)
+    bulkhead.record(holder, None, 0.0)
 
 
 async def test_wait_never_outlasts_the_remaining_deadline(clock: FakeClock) -> None:
     bulkhead = Bulkhead(1, max_waiting=1, wait_timeout=10.0)
-    holder = await bulkhead._aacquire("p", None)
+    holder = await bulkhead.admit_async("p", None)
 
     async def with_deadline() -> Any:
         _context._deadline.set(clock.now() + 0.25)
-        return await bulkhead._aacquire("p", None)
+        return await bulkhead.admit_async("p", None)
 
     waiter = asyncio.create_task(with_deadline())
     await settle()
@@ -489,26 +489,26 @@ async def test_wait_never_outlasts_the_remaining_deadline(clock: FakeClock) -> N
     await settle()
     with pytest.raises(BulkheadFull, match=r"waited 0\.25s"):
         waiter.result()
-    bulkhead._release(holder, 0.0, None)
+    bulkhead.record(holder, None, 0.0)
 
 
 async def test_no_wait_at_all_when_the_deadline_has_passed(clock: FakeClock) -> None:
     bulkhead = Bulkhead(1, max_waiting=5, wait_timeout=10.0)
-    holder = await bulkhead._aacquire("p", None)
+    holder = await bulkhead.admit_async("p", None)
     token = _context._deadline.set(clock.now() - 1.0)
     try:
         with pytest.raises(BulkheadFull, match="no time left"):
-            await bulkhead._aacquire("p", None)
+            await bulkhead.admit_async("p", None)
         with pytest.raises(BulkheadFull, match="no time left"):
-            bulkhead._acquire("p", None)
+            bulkhead.admit("p", None)
     finally:
         _context._deadline.reset(token)
     assert bulkhead.waiting == 0
-    bulkhead._release(holder, 0.0, None)
+    bulkhead.record(holder, None, 0.0)
     # A free slot is still taken even with no time left: the call decides.
     token = _context._deadline.set(clock.now() - 1.0)
     try:
-        bulkhead._release(bulkhead._acquire("p", None), 0.0, None)
+        bulkhead.record(bulkhead.admit("p", None), None, 0.0)
     finally:
         _context._deadline.reset(token)
 
@@ -519,16 +519,16 @@ def test_thread_interrupted_while_waiting_leaves_the_queue(
     from reskit import _clock
 
     bulkhead = Bulkhead(1, max_waiting=1)
-    holder = bulkhead._acquire("p", None)
+    holder = bulkhead.admit("p", None)
 
     def interrupted(event: threading.Event, timeout: float | None) -> bool:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(_clock, "wait", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        bulkhead._acquire("p", None)
+        bulkhead.admit("p", None)
     assert (bulkhead.in_flight, bulkhead.waiting) == (1, 0)
-    bulkhead._release(holder, 0.0, None)
+    bulkhead.record(holder, None, 0.0)
     assert bulkhead.in_flight == 0
 
 
@@ -537,33 +537,33 @@ def test_thread_interrupted_while_waiting_leaves_the_queue(
 
 async def test_a_thread_release_wakes_an_async_waiter() -> None:
     bulkhead = Bulkhead(1, max_waiting=1)
-    holder = await asyncio.to_thread(bulkhead._acquire, "p", None)
-    waiter = asyncio.create_task(bulkhead._aacquire("p", None))
+    holder = await asyncio.to_thread(bulkhead.admit, "p", None)
+    waiter = asyncio.create_task(bulkhead.admit_async("p", None))
     await settle()
     assert bulkhead.waiting == 1
-    await asyncio.to_thread(bulkhead._release, holder, 0.0, None)
+    await asyncio.to_thread(bulkhead.record, holder, None, 0.0)
     permit = await asyncio.wait_for(waiter, WAIT)
     assert (bulkhead.in_flight, bulkhead.waiting) == (1, 0)
-    bulkhead._release(permit, 0.0, None)
+    bulkhead.record(permit, None, 0.0)
 
 
 def test_slot_handed_to_a_waiter_on_a_closed_loop_is_passed_on() -> None:
     bulkhead = Bulkhead(1, max_waiting=2)
-    holder = bulkhead._acquire("p", None)
+    holder = bulkhead.admit("p", None)
     loop = asyncio.new_event_loop()
-    orphan = loop.create_task(bulkhead._aacquire("p", None))
+    orphan = loop.create_task(bulkhead.admit_async("p", None))
     loop.run_until_complete(asyncio.sleep(0))
     assert bulkhead.waiting == 1
     loop.close()  # the task never runs again
     outcome: list[Any] = []
-    thread = threading.Thread(target=lambda: outcome.append(bulkhead._acquire("p", None)))
+    thread = threading.Thread(target=lambda: outcome.append(bulkhead.admit("p", None)))
     thread.start()
     wait_until(lambda: bulkhead.waiting == 2)
-    bulkhead._release(holder, 0.0, None)
+    bulkhead.record(holder, None, 0.0)
     thread.join(WAIT)
     assert len(outcome) == 1
     assert (bulkhead.in_flight, bulkhead.waiting) == (1, 0)
-    bulkhead._release(outcome[0], 0.0, None)
+    bulkhead.record(outcome[0], None, 0.0)
     assert bulkhead.in_flight == 0
     del orphan
 
@@ -573,15 +573,15 @@ def test_slot_handed_to_a_waiter_on_a_closed_loop_is_passed_on() -> None:
 
 async def test_retry_after_estimates_from_recent_call_durations(clock: FakeClock) -> None:
     bulkhead = Bulkhead(2, max_waiting=2, wait_timeout=1.0)
-    permits = [await bulkhead._aacquire("p", None) for _ in range(2)]
-    bulkhead._release(permits.pop(), 4.0, None)  # the first sample is the mean: 4.0
-    permits.append(await bulkhead._aacquire("p", None))
-    bulkhead._release(permits.pop(), 2.0, None)  # 4.0 + (2.0 - 4.0) * 0.2 = 3.6
-    permits.append(await bulkhead._aacquire("p", None))
-    waiters = [asyncio.create_task(bulkhead._aacquire("p", None)) for _ in range(2)]
+    permits = [await bulkhead.admit_async("p", None) for _ in range(2)]
+    bulkhead.record(permits.pop(), None, 4.0)  # the first sample is the mean: 4.0
+    permits.append(await bulkhead.admit_async("p", None))
+    bulkhead.record(permits.pop(), None, 2.0)  # 4.0 + (2.0 - 4.0) * 0.2 = 3.6
+    permits.append(await bulkhead.admit_async("p", None))
+    waiters = [asyncio.create_task(bulkhead.admit_async("p", None)) for _ in range(2)]
     await settle()
     with pytest.raises(BulkheadFull) as info:
-        await bulkhead._aacquire("p", None)
+        await bulkhead.admit_async("p", None)
     # Queue full: two callers ahead of a newcomer, so three mean durations
     # before its turn, shared by two slots.
     assert info.value.retry_after == pytest.approx(3.6 * 3 / 2)
@@ -593,23 +593,23 @@ async def test_retry_after_estimates_from_recent_call_durations(clock: FakeClock
     # A timed-out waiter leaves an empty queue behind: one mean over two slots.
     assert info.value.retry_after == pytest.approx(3.6 / 2)
     for permit in permits:
-        bulkhead._release(permit, 0.0, None)
+        bulkhead.record(permit, None, 0.0)
 
 
 def test_retry_after_without_history_or_timeout_is_unknown() -> None:
     bulkhead = Bulkhead(1)
-    permit = bulkhead._acquire("p", None)
+    permit = bulkhead.admit("p", None)
     with pytest.raises(BulkheadFull) as info:
-        bulkhead._acquire("p", None)
+        bulkhead.admit("p", None)
     assert info.value.retry_after is None
     assert isinstance(info.value, Rejected)
     assert info.value.rejected_by == "bulkhead"
-    bulkhead._release(permit, 1.0, None)
-    permit = bulkhead._acquire("p", None)
+    bulkhead.record(permit, None, 1.0)
+    permit = bulkhead.admit("p", None)
     with pytest.raises(BulkheadFull) as info:
-        bulkhead._acquire("p", None)
+        bulkhead.admit("p", None)
     assert info.value.retry_after == 1.0
-    bulkhead._release(permit, 1.0, None)
+    bulkhead.record(permit, None, 1.0)
 
 
 # -- partitions --------------------------------------------------------------------
@@ -632,35 +632,35 @@ def test_partition_key_must_be_a_string() -> None:
 
 def test_partitions_are_isolated() -> None:
     bulkhead = Bulkhead(2, key=tenant_key)
-    noisy = [bulkhead._acquire("p", "noisy") for _ in range(2)]
+    noisy = [bulkhead.admit("p", "noisy") for _ in range(2)]
     with pytest.raises(BulkheadFull):
-        bulkhead._acquire("p", "noisy")
-    quiet = [bulkhead._acquire("p", "quiet") for _ in range(2)]
-    unkeyed = [bulkhead._acquire("p", None) for _ in range(2)]
+        bulkhead.admit("p", "noisy")
+    quiet = [bulkhead.admit("p", "quiet") for _ in range(2)]
+    unkeyed = [bulkhead.admit("p", None) for _ in range(2)]
     assert bulkhead.in_flight == 6
     assert bulkhead.partitions == 2  # the shared default partition is not counted
     for permit in noisy + quiet + unkeyed:
-        bulkhead._release(permit, 0.0, None)
+        bulkhead.record(permit, None, 0.0)
     assert (bulkhead.in_flight, bulkhead.partitions) == (0, 0)
 
 
 async def test_partition_queues_are_separate_and_fifo() -> None:
     bulkhead = Bulkhead(1, max_waiting=1, key=tenant_key)
-    a = await bulkhead._aacquire("p", "a")
-    b = await bulkhead._aacquire("p", "b")
-    a_waiter = asyncio.create_task(bulkhead._aacquire("p", "a"))
-    b_waiter = asyncio.create_task(bulkhead._aacquire("p", "b"))
+    a = await bulkhead.admit_async("p", "a")
+    b = await bulkhead.admit_async("p", "b")
+    a_waiter = asyncio.create_task(bulkhead.admit_async("p", "a"))
+    b_waiter = asyncio.create_task(bulkhead.admit_async("p", "b"))
     await settle()
     assert bulkhead.waiting == 2
     with pytest.raises(BulkheadFull, match="queue is full"):
-        await bulkhead._aacquire("p", "a")
-    bulkhead._release(b, 0.0, None)  # frees b's slot only
+        await bulkhead.admit_async("p", "a")
+    bulkhead.record(b, None, 0.0)  # frees b's slot only
     b2 = await asyncio.wait_for(b_waiter, WAIT)
     assert not a_waiter.done()
-    bulkhead._release(a, 0.0, None)
+    bulkhead.record(a, None, 0.0)
     a2 = await asyncio.wait_for(a_waiter, WAIT)
     for permit in (a2, b2):
-        bulkhead._release(permit, 0.0, None)
+        bulkhead.record(permit, None, 0.0)
     assert (bulkhead.in_flight, bulkhead.waiting, bulkhead.partitions) == (0, 0, 0)
 
 
@@ -671,7 +671,7 @@ def test_hostile_keys_cannot_grow_memory() -> None:
     messages = set()
     for i in range(10_000):
         try:
-            held.append(bulkhead._acquire("p", f"tenant-{i}"))
+            held.append(bulkhead.admit("p", f"tenant-{i}"))
         except BulkheadFull as exc:
             messages.add(str(exc))
             rejected += 1
@@ -683,13 +683,13 @@ def test_hostile_keys_cannot_grow_memory() -> None:
     assert (len(held), rejected) == (100, 9_900)
     assert len(bulkhead._partitions) == 100
     # A known key still gets its partition's free slot while new keys are refused.
-    held.append(bulkhead._acquire("p", "tenant-0"))
+    held.append(bulkhead.admit("p", "tenant-0"))
     with pytest.raises(BulkheadFull, match=r"2 in flight \(limit 2\) and no waiting allowed"):
-        bulkhead._acquire("p", "tenant-0")
+        bulkhead.admit("p", "tenant-0")
     for permit in held:
-        bulkhead._release(permit, 0.0, None)
+        bulkhead.record(permit, None, 0.0)
     assert (bulkhead.partitions, bulkhead.in_flight) == (0, 0)
-    assert bulkhead._acquire("p", "newcomer") is not None
+    assert bulkhead.admit("p", "newcomer") is not None
 
 
 def test_short_lived_partitions_are_reclaimed_with_flat_memory() -> None:
@@ -697,7 +697,7 @@ def test_short_lived_partitions_are_reclaimed_with_flat_memory() -> None:
 
     def churn(start: int) -> None:
         for i in range(start, start + 10_000):
-            bulkhead._release(bulkhead._acquire("p", f"{i:0>64}"), 0.001, None)
+            bulkhead.record(bulkhead.admit("p", f"{i:0>64}"), None, 0.001)
 
     churn(0)  # warm up caches and the spare partitions
     tracemalloc.start()
@@ -715,27 +715,27 @@ def test_rejection_of_a_new_key_leaves_no_empty_partition_behind() -> None:
     # An adaptive limit caps the whole bulkhead, so a brand-new key can be
     # refused for lack of a bulkhead-wide slot.
     bulkhead = Bulkhead(5, key=tenant_key, limit=AIMDLimit(initial=1, max_limit=5))
-    held = bulkhead._acquire("p", "a")
+    held = bulkhead.admit("p", "a")
     with pytest.raises(BulkheadFull):
-        bulkhead._acquire("p", "b")
+        bulkhead.admit("p", "b")
     assert bulkhead.partitions == 1
-    bulkhead._release(held, 0.0, None)
+    bulkhead.record(held, None, 0.0)
     assert bulkhead.partitions == 0
 
 
 async def test_adaptive_cap_spans_partitions_and_hands_slots_over_in_arrival_order() -> None:
     limit = AIMDLimit(initial=2, min_limit=1, max_limit=2)
     bulkhead = Bulkhead(5, key=tenant_key, max_waiting=5, limit=limit)
-    a = await bulkhead._aacquire("p", "a")
-    b = await bulkhead._aacquire("p", "b")
-    waiters = [asyncio.create_task(bulkhead._aacquire("p", key)) for key in ("c", "a", "d", None)]
+    a = await bulkhead.admit_async("p", "a")
+    b = await bulkhead.admit_async("p", "b")
+    waiters = [asyncio.create_task(bulkhead.admit_async("p", key)) for key in ("c", "a", "d", None)]
     for _ in waiters:
         await settle(1)
     assert (bulkhead.in_flight, bulkhead.waiting, bulkhead.partitions) == (2, 4, 4)
     order = []
     pending = [a, b]
     for _ in range(4):
-        bulkhead._release(pending.pop(0), 0.0, ValueError())  # not sampled
+        bulkhead.record(pending.pop(0), ValueError(), 0.0)  # not sampled
         done, _ = await asyncio.wait(
             [t for t in waiters if not t.done()], timeout=WAIT, return_when=asyncio.FIRST_COMPLETED
         )
@@ -745,7 +745,7 @@ async def test_adaptive_cap_spans_partitions_and_hands_slots_over_in_arrival_ord
         assert bulkhead.in_flight == 2
     assert order == [0, 1, 2, 3]
     for permit in pending:
-        bulkhead._release(permit, 0.0, ValueError())
+        bulkhead.record(permit, ValueError(), 0.0)
     assert (bulkhead.in_flight, bulkhead.waiting, bulkhead.partitions) == (0, 0, 0)
 
 
@@ -753,15 +753,15 @@ async def test_with_an_adaptive_cap_a_full_partition_still_waits_its_turn() -> N
     # Room under the bulkhead-wide cap does not help a waiter whose own
     # partition is at max_concurrent.
     bulkhead = Bulkhead(1, key=tenant_key, max_waiting=1, limit=AIMDLimit(initial=5, max_limit=5))
-    a = await bulkhead._aacquire("p", "a")
-    a_waiter = asyncio.create_task(bulkhead._aacquire("p", "a"))
+    a = await bulkhead.admit_async("p", "a")
+    a_waiter = asyncio.create_task(bulkhead.admit_async("p", "a"))
     await settle()
-    bulkhead._release(await bulkhead._aacquire("p", "b"), 0.0, None)
+    bulkhead.record(await bulkhead.admit_async("p", "b"), None, 0.0)
     await settle()
     assert not a_waiter.done()
     assert (bulkhead.in_flight, bulkhead.waiting, bulkhead.partitions) == (1, 1, 1)
-    bulkhead._release(a, 0.0, None)
-    bulkhead._release(await asyncio.wait_for(a_waiter, WAIT), 0.0, None)
+    bulkhead.record(a, None, 0.0)
+    bulkhead.record(await asyncio.wait_for(a_waiter, WAIT), None, 0.0)
     assert (bulkhead.in_flight, bulkhead.waiting, bulkhead.partitions) == (0, 0, 0)
 
 
@@ -770,7 +770,7 @@ async def test_with_an_adaptive_cap_a_full_partition_still_waits_its_turn() -> N
 
 def test_introspection_and_repr() -> None:
     bulkhead = Bulkhead(3, max_waiting=2, wait_timeout=0.5, name="db")
-    permit = bulkhead._acquire("p", None)
+    permit = bulkhead.admit("p", None)
     assert (bulkhead.in_flight, bulkhead.waiting, bulkhead.partitions) == (1, 0, 0)
     assert bulkhead.limit == 3
     assert bulkhead.adaptive_limit is None
@@ -778,13 +778,13 @@ def test_introspection_and_repr() -> None:
     assert repr(bulkhead) == (
         "Bulkhead('db', max_concurrent=3, limit=3, in_flight=1, waiting=0, partitions=0)"
     )
-    bulkhead._release(permit, 0.0, None)
+    bulkhead.record(permit, None, 0.0)
 
 
 def test_an_unnamed_bulkhead_takes_the_first_policy_name() -> None:
     bulkhead = Bulkhead(1)
-    bulkhead._release(bulkhead._acquire("payments", None), 0.0, None)
-    bulkhead._release(bulkhead._acquire("other", None), 0.0, None)
+    bulkhead.record(bulkhead.admit("payments", None), None, 0.0)
+    bulkhead.record(bulkhead.admit("other", None), None, 0.0)
     assert bulkhead.name == "payments"
 
 
@@ -837,7 +837,7 @@ def test_an_adaptive_limit_belongs_to_one_bulkhead() -> None:
 def test_occupancy_gauge_reports_live_named_bulkheads() -> None:
     bulkhead = Bulkhead(4, name="gauge-test")
     Bulkhead(4)  # unnamed and unused: nothing to report under
-    permits = [bulkhead._acquire("p", None) for _ in range(3)]
+    permits = [bulkhead.admit("p", None) for _ in range(3)]
 
     def reported() -> dict[str, int | float]:
         return {
@@ -848,7 +848,7 @@ def test_occupancy_gauge_reports_live_named_bulkheads() -> None:
 
     assert reported() == {"gauge-test": 3}
     for permit in permits:
-        bulkhead._release(permit, 0.0, None)
+        bulkhead.record(permit, None, 0.0)
     assert reported() == {"gauge-test": 0}
     del bulkhead, permits
     gc.collect()
@@ -860,10 +860,10 @@ def test_release_samples_the_adaptive_limit_only_for_meaningful_outcomes() -> No
     bulkhead = Bulkhead(20, limit=limit)
 
     def finish(exc: BaseException | None) -> None:
-        permits = [bulkhead._acquire("p", None) for _ in range(min(10, bulkhead.limit))]
-        bulkhead._release(permits.pop(), 0.01, exc)
+        permits = [bulkhead.admit("p", None) for _ in range(min(10, bulkhead.limit))]
+        bulkhead.record(permits.pop(), exc, 0.01)
         for permit in permits:
-            bulkhead._release(permit, 0.01, ValueError())
+            bulkhead.record(permit, ValueError(), 0.01)
 
     finish(None)  # a busy success grows the limit by one
     assert bulkhead.limit == 11
@@ -882,13 +882,13 @@ def test_a_faulty_custom_limit_does_not_strand_the_queue() -> None:
             raise ZeroDivisionError("bug in a custom limit")
 
     bulkhead = Bulkhead(1, max_waiting=1, limit=Broken(initial=1))
-    holder = bulkhead._acquire("p", None)
+    holder = bulkhead.admit("p", None)
     got: list[Any] = []
-    thread = threading.Thread(target=lambda: got.append(bulkhead._acquire("p", None)))
+    thread = threading.Thread(target=lambda: got.append(bulkhead.admit("p", None)))
     thread.start()
     wait_until(lambda: bulkhead.waiting == 1)
     with pytest.raises(ZeroDivisionError):
-        bulkhead._release(holder, 0.0, None)
+        bulkhead.record(holder, None, 0.0)
     thread.join(WAIT)
     assert len(got) == 1
     assert bulkhead.in_flight == 1

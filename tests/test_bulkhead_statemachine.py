@@ -131,7 +131,7 @@ class BulkheadMachine(RuleBasedStateMachine):
     @rule(key=KEYS)
     def acquire_async(self, key: str | None) -> None:
         expected = self.expect(key)
-        task = self.loop.create_task(self.bulkhead._aacquire("p", key))
+        task = self.loop.create_task(self.bulkhead.admit_async("p", key))
         self.settle()
         if expected == "admitted":
             assert task.done()
@@ -154,7 +154,7 @@ class BulkheadMachine(RuleBasedStateMachine):
 
         def call() -> None:
             try:
-                outcome.append(self.bulkhead._acquire("p", key))
+                outcome.append(self.bulkhead.admit("p", key))
             except BulkheadFull as exc:
                 outcome.append(exc)
 
@@ -177,7 +177,7 @@ class BulkheadMachine(RuleBasedStateMachine):
     def _release(self, index: int) -> str | None:
         holder = self.holders.pop(index % len(self.holders))
         self.model.in_flight[holder.key] -= 1
-        self.bulkhead._release(holder.permit, 0.01, None)
+        self.bulkhead.record(holder.permit, None, 0.01)
         return holder.key
 
     def _hand_over(self, key: str | None) -> None:

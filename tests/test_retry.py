@@ -202,8 +202,9 @@ def test_jitter_is_spread_and_capped(attempt: int) -> None:
     seed=st.integers(),
 )
 def test_backoff_never_exceeds_cap(attempt: int, initial: float, extra: float, seed: int) -> None:
-    retry = Retry(on=Exception, wait_initial=initial, wait_max=initial + extra)
-    retry._random = random.Random(seed)
+    retry = Retry(
+        on=Exception, wait_initial=initial, wait_max=initial + extra, random=random.Random(seed)
+    )
     delay = retry.backoff(attempt)
     assert 0 <= delay <= initial + extra
 

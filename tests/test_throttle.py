@@ -39,7 +39,7 @@ class Scripted(random.Random):
 def feed(throttle: AdaptiveThrottle, accepted: int, failed: int) -> None:
     """Record ``accepted`` accepted and ``failed`` failed attempts, never throttled."""
     for outcome in [None] * accepted + [ConnectionError("refused")] * failed:
-        throttle._record(throttle._admit("p"), outcome, 0.01)
+        throttle.record(throttle.admit("p"), outcome, 0.01)
 
 
 def formula(requests: int, accepts: int, k: float = 2.0) -> float:
@@ -64,7 +64,7 @@ def test_exact_probability_with_an_injected_random_source(clock: FakeClock) -> N
 
     source.push(p - 1e-9)  # just below p: rejected
     with pytest.raises(Throttled) as info:
-        throttle._admit("orders")
+        throttle.admit("orders")
     assert info.value.policy == "orders"
     assert info.value.rejected_by == "throttle"
     assert isinstance(info.value, Rejected)
@@ -74,7 +74,7 @@ def test_exact_probability_with_an_injected_random_source(clock: FakeClock) -> N
     assert throttle.rejection_probability == pytest.approx(9 / 22)
 
     source.push(p)  # exactly p: admitted (a draw in [p, 1) admits)
-    throttle._record(throttle._admit("orders"), None, 0.01)
+    throttle.record(throttle.admit("orders"), None, 0.01)
     assert (throttle.requests, throttle.accepts) == (22, 7)
     assert throttle.rejection_probability == pytest.approx(8 / 23)
 
@@ -95,11 +95,11 @@ def test_when_the_backend_rejects_everything_local_rejections_follow_the_formula
     for _ in range(5_000):
         expected += throttle.rejection_probability
         try:
-            permit = throttle._admit("p")
+            permit = throttle.admit("p")
         except Throttled:
             rejected += 1
         else:
-            throttle._record(permit, ConnectionError("503"), 0.01)
+            throttle.record(permit, ConnectionError("503"), 0.01)
     # requests / (requests + 1): almost everything is rejected locally...
     assert throttle.rejection_probability == pytest.approx(5_000 / 5_001)
     # ...and the realised rejections match the sum of the probabilities.
@@ -117,15 +117,15 @@ def test_against_a_capacity_limited_backend_the_client_sends_about_k_times_capac
         capacity, sent = 10, 0
         for _ in range(100):
             try:
-                permit = throttle._admit("p")
+                permit = throttle.admit("p")
             except Throttled:
                 continue
             sent += 1
             if capacity:
                 capacity -= 1
-                throttle._record(permit, None, 0.01)
+                throttle.record(permit, None, 0.01)
             else:
-                throttle._record(permit, ConnectionError("overloaded"), 0.01)
+                throttle.record(permit, ConnectionError("overloaded"), 0.01)
         sent_per_second.append(sent)
         clock.advance(1.0)
     steady = sent_per_second[20:]
@@ -144,10 +144,10 @@ def test_recovers_when_accepts_return_and_the_window_slides(clock: FakeClock) ->
         clock.advance(1.0)
         for _ in range(20):
             try:
-                permit = throttle._admit("p")
+                permit = throttle.admit("p")
             except Throttled:
                 continue
-            throttle._record(permit, None, 0.01)
+            throttle.record(permit, None, 0.01)
         history.append(throttle.rejection_probability)
     assert history[0] == pytest.approx(formula(220, 20))  # old failures still dominate
     assert history[-1] == 0.0  # they left the window
@@ -166,16 +166,16 @@ def test_window_slides_exactly_by_whole_seconds(clock: FakeClock) -> None:
 
 def test_an_accept_for_a_request_that_left_the_window_is_not_counted(clock: FakeClock) -> None:
     throttle = AdaptiveThrottle(window=5)
-    permit = throttle._admit("p")
+    permit = throttle.admit("p")
     clock.advance(6.0)  # a slow call: its request has expired meanwhile
-    throttle._record(permit, None, 6.0)
+    throttle.record(permit, None, 6.0)
     assert (throttle.requests, throttle.accepts) == (0, 0)
 
 
 def test_which_exceptions_count_as_backend_rejections(clock: FakeClock) -> None:
     throttle = AdaptiveThrottle(on=(ConnectionError, TimeoutError), random=Scripted())
     for exc in (ConnectionError(), TimeoutExceeded("slow"), KeyError("not found"), None):
-        throttle._record(throttle._admit("p"), exc, 0.01)
+        throttle.record(throttle.admit("p"), exc, 0.01)
     # KeyError: the backend answered (say a 404), so it counts as accepted.
     assert (throttle.requests, throttle.accepts) == (4, 2)
 
@@ -184,7 +184,7 @@ def test_which_exceptions_count_as_backend_rejections(clock: FakeClock) -> None:
 def test_cancellation_and_interrupts_are_not_counted(clock: FakeClock, exc: BaseException) -> None:
     throttle = AdaptiveThrottle(random=Scripted())
     feed(throttle, accepted=1, failed=1)
-    throttle._record(throttle._admit("p"), exc, 0.01)
+    throttle.record(throttle.admit("p"), exc, 0.01)
     assert (throttle.requests, throttle.accepts) == (2, 1)
 
 
@@ -193,11 +193,11 @@ def test_min_requests_holds_off_throttling(clock: FakeClock) -> None:
     throttle = AdaptiveThrottle(min_requests=10, random=source)
     feed(throttle, accepted=0, failed=9)
     assert throttle.rejection_probability == 0.0
-    throttle._record(throttle._admit("p"), ConnectionError(), 0.01)  # the 10th, admitted
+    throttle.record(throttle.admit("p"), ConnectionError(), 0.01)  # the 10th, admitted
     assert source.used == 0
     assert throttle.rejection_probability == pytest.approx(10 / 11)
     with pytest.raises(Throttled):
-        throttle._admit("p")
+        throttle.admit("p")
 
 
 def test_counts_are_exact_under_threads(clock: FakeClock) -> None:
@@ -210,12 +210,12 @@ def test_counts_are_exact_under_threads(clock: FakeClock) -> None:
         start.wait(10)
         for n in range(500):
             try:
-                permit = throttle._admit("p")
+                permit = throttle.admit("p")
             except Throttled:
                 with lock:
                     rejected[0] += 1
                 continue
-            throttle._record(permit, None if (n + i) % 3 == 0 else ConnectionError(), 0.0)
+            throttle.record(permit, None if (n + i) % 3 == 0 else ConnectionError(), 0.0)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for thread in threads:

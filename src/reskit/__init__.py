@@ -16,6 +16,7 @@ from ._decorators import bulkhead, circuit_breaker, fallback, retry, timeout
 from ._errors import (
     BulkheadFull,
     CircuitOpen,
+    FrozenConfigError,
     IdempotencyConflict,
     IdempotencyMismatch,
     KillSwitchOff,
@@ -28,7 +29,8 @@ from ._errors import (
 )
 from ._fallback import Fallback
 from ._policy import Policy
-from ._retry import Retry, RetryBudget
+from ._retry import Retry, RetryBudget, RetryDetails
+from ._stats import PolicyStatistics
 from ._telemetry import configure_telemetry
 from ._throttle import AdaptiveThrottle
 
@@ -42,16 +44,19 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpen",
     "Fallback",
+    "FrozenConfigError",
     "GradientLimit",
     "IdempotencyConflict",
     "IdempotencyMismatch",
     "KillSwitchOff",
     "Policy",
+    "PolicyStatistics",
     "Rejected",
     "ReskitError",
     "Retry",
     "RetryBudget",
     "RetryBudgetExhausted",
+    "RetryDetails",
     "Shed",
     "Throttled",
     "TimeoutExceeded",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from datetime import timedelta
 
-from ._config import seconds
+from ._config import seconds, setting
 
 __all__ = ["DEFAULT_INITIAL_LIMIT", "AIMDLimit", "AdaptiveLimit", "GradientLimit"]
 
@@ -70,19 +70,24 @@ class AdaptiveLimit:
     .. versionadded:: 0.1.0
     """
 
-    __slots__ = ("_bound", "_estimate", "max_limit", "min_limit")
+    __slots__ = ("_bound", "_estimate", "_max_limit", "_min_limit")
+
+    _instead = "Build a new limit (one per Bulkhead) and use it in a new Bulkhead(limit=...)."
+
+    min_limit = setting("_min_limit", "The limit never falls below this.")
+    max_limit = setting("_max_limit", "The limit never rises above this.")
 
     def __init__(self, *, initial: int, min_limit: int, max_limit: int) -> None:
         hint = "pass a whole number of concurrent calls"
-        self.min_limit = _positive_int(min_limit, "min_limit", hint)
-        self.max_limit = _positive_int(max_limit, "max_limit", hint)
+        self._min_limit = _positive_int(min_limit, "min_limit", hint)
+        self._max_limit = _positive_int(max_limit, "max_limit", hint)
         initial = _positive_int(initial, "initial", hint)
-        if self.min_limit > self.max_limit:
+        if self._min_limit > self._max_limit:
             raise ValueError(
                 f"min_limit ({min_limit}) is above max_limit ({max_limit}); "
                 "lower min_limit or raise max_limit"
             )
-        if not self.min_limit <= initial <= self.max_limit:
+        if not self._min_limit <= initial <= self._max_limit:
             raise ValueError(
                 f"initial ({initial}) must lie between min_limit ({min_limit}) and "
                 f"max_limit ({max_limit}); choose a starting limit inside that range"
@@ -111,10 +116,10 @@ class AdaptiveLimit:
         .. versionadded:: 0.1.0
         """
         estimate = self._update(duration, in_flight, dropped)
-        if estimate < self.min_limit:
-            estimate = float(self.min_limit)
-        elif estimate > self.max_limit:
-            estimate = float(self.max_limit)
+        if estimate < self._min_limit:
+            estimate = float(self._min_limit)
+        elif estimate > self._max_limit:
+            estimate = float(self._max_limit)
         self._estimate = estimate
         return int(estimate)
 
@@ -146,6 +151,9 @@ class AIMDLimit(AdaptiveLimit):
     bulkhead is busy (in flight at least half the limit) it grows by one; an
     idle bulkhead proves nothing about capacity, so the limit holds.
 
+    Its settings are fixed at construction (assigning one raises
+    :class:`~reskit.FrozenConfigError`).
+
     Args:
         initial: the starting limit (default 20).
         min_limit: the lowest limit (default 1).
@@ -158,7 +166,10 @@ class AIMDLimit(AdaptiveLimit):
     .. versionadded:: 0.1.0
     """
 
-    __slots__ = ("backoff_ratio", "timeout")
+    __slots__ = ("_backoff_ratio", "_timeout")
+
+    backoff_ratio = setting("_backoff_ratio", "The factor applied to the limit on a drop.")
+    timeout = setting("_timeout", "Calls slower than this many seconds count as drops.")
 
     def __init__(
         self,
@@ -170,19 +181,19 @@ class AIMDLimit(AdaptiveLimit):
         timeout: float | timedelta = DEFAULT_AIMD_TIMEOUT,
     ) -> None:
         super().__init__(initial=initial, min_limit=min_limit, max_limit=max_limit)
-        self.backoff_ratio = _ratio(
+        self._backoff_ratio = _ratio(
             backoff_ratio, "backoff_ratio", 0.0, 1.0, "0.9 backs off by 10% on each drop"
         )
         converted = seconds(timeout, "timeout")
         assert converted is not None
-        self.timeout = converted
+        self._timeout = converted
 
     def _update(self, duration: float, in_flight: int, dropped: bool) -> float:
         limit = int(self._estimate)
-        if dropped or duration > self.timeout:
+        if dropped or duration > self._timeout:
             # Truncating (not rounding) guarantees a drop always costs at least
             # one slot, even at small limits where 10% is less than one.
-            return float(int(limit * self.backoff_ratio))
+            return float(int(limit * self._backoff_ratio))
         if in_flight * 2 >= limit:
             return float(limit + 1)
         return float(limit)
@@ -209,6 +220,9 @@ class GradientLimit(AdaptiveLimit):
     long-term RTT is more than twice the latest one (latency recovered after a
     long overload) it is pulled down faster than the average alone would.
 
+    Its settings are fixed at construction (assigning one raises
+    :class:`~reskit.FrozenConfigError`).
+
     Args:
         initial: the starting limit (default 20).
         min_limit: the lowest limit (default 1).
@@ -227,13 +241,18 @@ class GradientLimit(AdaptiveLimit):
 
     __slots__ = (
         "_long_rtt",
+        "_long_window",
+        "_queue_size",
+        "_rtt_tolerance",
         "_samples",
+        "_smoothing",
         "_warmup",
-        "long_window",
-        "queue_size",
-        "rtt_tolerance",
-        "smoothing",
     )
+
+    smoothing = setting("_smoothing", "Weight of each new estimate.")
+    rtt_tolerance = setting("_rtt_tolerance", "How much slower than usual a call may be.")
+    long_window = setting("_long_window", "Samples the long-term RTT averages over.")
+    queue_size = setting("_queue_size", "Headroom added to each new estimate.")
 
     def __init__(
         self,
@@ -247,7 +266,7 @@ class GradientLimit(AdaptiveLimit):
         queue_size: int = 4,
     ) -> None:
         super().__init__(initial=initial, min_limit=min_limit, max_limit=max_limit)
-        self.smoothing = _ratio(smoothing, "smoothing", 0.0, 1.0, "0.2 is a steady default")
+        self._smoothing = _ratio(smoothing, "smoothing", 0.0, 1.0, "0.2 is a steady default")
         if (
             isinstance(rtt_tolerance, bool)
             or not isinstance(rtt_tolerance, int | float)
@@ -257,8 +276,8 @@ class GradientLimit(AdaptiveLimit):
                 f"rtt_tolerance must be a finite number >= 1.0, got {rtt_tolerance!r}; "
                 "1.5 tolerates calls 50% slower than usual before shrinking the limit"
             )
-        self.rtt_tolerance = float(rtt_tolerance)
-        self.long_window = _positive_int(
+        self._rtt_tolerance = float(rtt_tolerance)
+        self._long_window = _positive_int(
             long_window, "long_window", "pass how many samples the long-term RTT averages over"
         )
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
@@ -266,10 +285,10 @@ class GradientLimit(AdaptiveLimit):
                 f"queue_size must be an int >= 0, got {queue_size!r}; "
                 "it is the headroom added to each estimate (4 by default)"
             )
-        self.queue_size = queue_size
+        self._queue_size = queue_size
         # A plain average over the first samples, then an exponential one: an
         # EWMA seeded with a single sample would trust that sample for a long time.
-        self._warmup = min(10, self.long_window)
+        self._warmup = min(10, self._long_window)
         self._samples = 0
         self._long_rtt = 0.0
 
@@ -289,7 +308,7 @@ class GradientLimit(AdaptiveLimit):
         if self._samples <= self._warmup:
             self._long_rtt += (short - self._long_rtt) / self._samples
         else:
-            self._long_rtt += (short - self._long_rtt) * (2.0 / (self.long_window + 1))
+            self._long_rtt += (short - self._long_rtt) * (2.0 / (self._long_window + 1))
         long = self._long_rtt
         if long / short > 2.0:
             # Latency came back after a long overload: without this the inflated
@@ -304,6 +323,6 @@ class GradientLimit(AdaptiveLimit):
             # no headroom, or the limit could never fall below 2 * queue_size.
             target = estimate * 0.5
         else:
-            gradient = max(0.5, min(1.0, self.rtt_tolerance * long / short))
-            target = estimate * gradient + self.queue_size
-        return estimate * (1.0 - self.smoothing) + target * self.smoothing
+            gradient = max(0.5, min(1.0, self._rtt_tolerance * long / short))
+            target = estimate * gradient + self._queue_size
+        return estimate * (1.0 - self._smoothing) + target * self._smoothing

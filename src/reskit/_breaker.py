@@ -1,12 +1,13 @@
 """The circuit breaker: closed, open, half-open, decided without I/O.
 
-The Policy engine drives a breaker through two calls per attempt::
+A breaker is a gate (``_gate.py``): the Policy engine drives it through two
+calls per attempt::
 
-    permit = breaker._admit(policy_name)     # may raise CircuitOpen
+    permit = breaker.admit(policy_name)      # may raise CircuitOpen
     try:
         ...the attempt...
     finally:
-        breaker._record(permit, exc, duration)
+        breaker.record(permit, exc, duration, result)
 
 Both are plain decisions over a few counters: no waiting, no I/O, and the lock
 is held only while counters and the state move. It is never held across the
@@ -23,6 +24,7 @@ after the breaker opened) cannot move the state.
 from __future__ import annotations
 
 import enum
+import inspect
 import itertools
 import logging
 import math
@@ -34,7 +36,7 @@ from typing import Any, Final
 from opentelemetry import trace as _otel_trace
 
 from . import _clock, _telemetry
-from ._config import seconds
+from ._config import seconds, setting
 from ._errors import CircuitOpen, Rejected
 
 __all__ = ["BreakerState", "CircuitBreaker"]
@@ -307,10 +309,11 @@ class CircuitBreaker:
       window took ``slow_call_duration`` seconds or more (successful or not),
       and a slow probe counts as a failed probe.
 
-    A call counts as a **success** when it returns or raises an exception
-    matched by ``exclude`` (pybreaker's rule: excluded exceptions are business
-    errors, not a sign the dependency is down). Any other ``Exception`` is a
-    **failure**. ``BaseException``\\ s that are not ``Exception``\\ s
+    A call counts as a **success** when it returns (unless ``on_result`` says
+    the result is a failure) or raises an exception matched by ``exclude``
+    (pybreaker's rule: excluded exceptions are business errors, not a sign the
+    dependency is down). Any other ``Exception`` is a **failure**.
+    ``BaseException``\\ s that are not ``Exception``\\ s
     (``asyncio.CancelledError``, ``KeyboardInterrupt``, ``SystemExit``,
     ``GeneratorExit``) and reskit's own rejections count as **neither**: they
     only give back a half-open probe slot.
@@ -352,6 +355,15 @@ class CircuitBreaker:
             has not finished stops holding its slot, so a hung probe cannot keep
             the breaker half-open forever. Its late result is then ignored.
             Default: probes hold their slot until they finish.
+        on_result: a predicate ``(result) -> bool``; a call that returns a
+            result for which it is true counts as a failure (an HTTP 503
+            response, say). Listeners' ``failure(cb, exc)`` then get
+            ``exc=None``. Not for generators, whose result is a stream.
+
+    The settings are fixed at construction (assigning one raises
+    :class:`~reskit.FrozenConfigError`); the state changes through the methods
+    below. A breaker is a gate: :meth:`admit` and :meth:`record` are what a
+    policy calls around each attempt.
 
     Raises:
         TypeError, ValueError: for an argument out of range, with a message
@@ -380,6 +392,7 @@ class CircuitBreaker:
         "_minimum_calls",
         "_name",
         "_on_failure",
+        "_on_result",
         "_on_state_change",
         "_on_success",
         "_open_message",
@@ -413,7 +426,19 @@ class CircuitBreaker:
         slow_call_rate: float = 1.0,
         half_open_max_calls: int = 1,
         max_half_open_wait: float | timedelta | None = None,
+        on_result: Callable[[Any], bool] | None = None,
     ) -> None:
+        if on_result is not None:
+            if not callable(on_result):
+                raise TypeError(
+                    f"on_result must be a predicate on the call's result, got {on_result!r}"
+                )
+            if inspect.iscoroutinefunction(on_result):
+                raise TypeError(
+                    "on_result must be a plain function: the breaker judges results while "
+                    "recording, where nothing can be awaited"
+                )
+        self._on_result = on_result
         self._fail_max = _count(fail_max, "fail_max")
         self._reset_timeout = _duration(reset_timeout, "reset_timeout")
         self._success_threshold = _count(success_threshold, "success_threshold")
@@ -517,8 +542,8 @@ class CircuitBreaker:
         self._on_failure = _hooks(listeners, "failure")
         self._on_success = _hooks(listeners, "success")
         self._before_call = _hooks(listeners, "before_call")
-        # _record's fast path may skip a success only when nothing has to see it.
-        self._quiet = not self._uses_window() and not self._on_success
+        # record()'s fast path may skip a success only when nothing has to see it.
+        self._quiet = not self._uses_window() and not self._on_success and self._on_result is None
 
     def _adopt_name(self, name: str) -> None:
         """Take ``name`` (a policy's) when the breaker was created without one."""
@@ -526,63 +551,66 @@ class CircuitBreaker:
             self._name = self._label = name
             self._set_messages()
 
+    _instead = (
+        "Build a new CircuitBreaker(...) (it starts closed) and use policy.replace(breaker=...)."
+    )
+
+    name = setting(
+        "_name",
+        "The name given at construction (or adopted from a policy), or ``None``.",
+    )
+    fail_max = setting(
+        "_fail_max", "Consecutive failures that open the breaker (consecutive mode)."
+    )
+    reset_timeout = setting(
+        "_reset_timeout", "Seconds the breaker stays open before it turns half-open."
+    )
+    success_threshold = setting(
+        "_success_threshold", "Successful probes needed to close a half-open breaker."
+    )
+    half_open_max_calls = setting(
+        "_half_open_max_calls", "Probes admitted at the same time while half-open."
+    )
+    failure_rate = setting(
+        "_failure_rate", "The failure fraction that opens the breaker in rate mode, or ``None``."
+    )
+    window = setting("_window_size", "Calls in the count window (rate and slow-call modes).")
+    window_seconds = setting(
+        "_window_seconds", "Seconds in the time window, or ``None`` for a count window."
+    )
+    minimum_calls = setting("_minimum_calls", "Calls the window holds before a rate is judged.")
+    slow_call_duration = setting(
+        "_slow_call_duration", "Seconds from which a call is slow, or ``None``."
+    )
+    slow_call_rate = setting(
+        "_slow_call_rate", "The fraction of slow calls that opens the breaker."
+    )
+    max_half_open_wait = setting(
+        "_max_half_open_wait", "Seconds after which a probe stops holding its slot, or ``None``."
+    )
+    on_result = setting(
+        "_on_result", "The predicate that counts a result as a failure, or ``None``."
+    )
+    excluded_exceptions = setting(
+        "_exclude",
+        "What ``exclude=`` was given: classes and predicates counted as success "
+        "(named like pybreaker's property).",
+    )
+
     @property
-    def name(self) -> str | None:
-        """The name given at construction (or adopted from a policy), or ``None``.
+    def timed(self) -> bool:
+        """Whether the breaker needs attempt durations (slow-call detection is on).
+
+        Part of the gate protocol.
 
         .. versionadded:: 0.1.0
         """
-        return self._name
+        return self._slow_call_duration is not None
 
-    @property
-    def fail_max(self) -> int:
-        """Consecutive failures that open the breaker (consecutive mode).
-
-        .. versionadded:: 0.1.0
-        """
-        return self._fail_max
-
-    @property
-    def reset_timeout(self) -> float:
-        """Seconds the breaker stays open before it turns half-open.
-
-        .. versionadded:: 0.1.0
-        """
-        return self._reset_timeout
-
-    @property
-    def success_threshold(self) -> int:
-        """Successful probes needed to close a half-open breaker.
-
-        .. versionadded:: 0.1.0
-        """
-        return self._success_threshold
-
-    @property
-    def half_open_max_calls(self) -> int:
-        """Probes admitted at the same time while half-open.
-
-        .. versionadded:: 0.1.0
-        """
-        return self._half_open_max_calls
-
-    @property
-    def failure_rate(self) -> float | None:
-        """The failure fraction that opens the breaker in rate mode, or ``None``.
-
-        .. versionadded:: 0.1.0
-        """
-        return self._failure_rate
-
-    @property
-    def excluded_exceptions(self) -> tuple[ExcludeItem, ...]:
-        """What ``exclude=`` was given: classes and predicates counted as success.
-
-        Named like pybreaker's property.
-
-        .. versionadded:: 0.1.0
-        """
-        return self._exclude
+    #: Admission never waits (gate protocol).
+    waits = False
+    #: What :meth:`admit` raises (gate protocol).
+    rejection = CircuitOpen
 
     @property
     def listeners(self) -> tuple[object, ...]:
@@ -769,18 +797,22 @@ class CircuitBreaker:
         if transition is not None:
             self._announce(transition)
 
-    # -- the seam the Policy engine drives -------------------------------------
-    def _admit(
+    # -- the gate protocol (what a policy calls around each attempt) --------------
+    def admit(
         self,
         policy_name: str | None,
+        key: str | None = None,
         func: Callable[..., Any] | None = None,
         args: tuple[Any, ...] = _NO_ARGS,
         kwargs: Mapping[str, Any] | None = None,
     ) -> _Permit:
         """Admit one attempt or raise :class:`CircuitOpen`; return its permit.
 
-        ``func``, ``args`` and ``kwargs`` are optional and only passed on to
+        Every permit must be handed back to :meth:`record` exactly once. ``key``
+        is ignored; ``func``, ``args`` and ``kwargs`` are only passed on to
         listeners' ``before_call``.
+
+        .. versionadded:: 0.1.0
         """
         phase = self._phase
         if phase.closed:
@@ -809,7 +841,7 @@ class CircuitBreaker:
     ) -> _Permit:
         state = phase.state
         if state is _OPEN:
-            # _admit found the reset timeout over: decide under the lock below.
+            # admit() found the reset timeout over: decide under the lock below.
             now = _clock.now()
         elif state is _FORCED_OPEN:
             raise _rejection(self._forced_message, policy_name, None)
@@ -862,24 +894,30 @@ class CircuitBreaker:
             self._call_before(func, args, kwargs)
         return permit
 
-    def _record(self, permit: _Permit, exc: BaseException | None, duration: float) -> None:
+    def record(
+        self, permit: _Permit, exc: BaseException | None, duration: float, result: Any = None
+    ) -> None:
         """Record the outcome of the attempt admitted with ``permit``.
 
-        ``exc`` is ``None`` for a success, else what the attempt raised;
-        ``duration`` is how long it took, in seconds.
+        ``exc`` is ``None`` when the attempt returned ``result``, else what it
+        raised; ``duration`` is how long it took, in seconds.
+
+        .. versionadded:: 0.1.0
         """
         # The common case, a success in the closed state of a consecutive-mode
         # breaker with no failures to reset and no listener to tell, takes no lock.
         if exc is None and permit is self._phase and self._quiet and not self._fail_counter:
             return
-        self._record_slow(permit, exc, duration)
+        self._record_slow(permit, exc, duration, result)
 
-    def _record_slow(self, permit: _Permit, exc: BaseException | None, duration: float) -> None:
+    def _record_slow(
+        self, permit: _Permit, exc: BaseException | None, duration: float, result: Any
+    ) -> None:
         if type(permit) is _Phase and permit.state is _DISABLED:
             return
-        # Classify before taking the lock: exclude predicates are user code.
+        # Classify before taking the lock: exclude and on_result predicates are user code.
         if exc is None:
-            outcome = _SUCCESS
+            outcome = _SUCCESS if self._on_result is None else self._judge(result)
         elif isinstance(exc, Exception) and not isinstance(exc, Rejected):
             outcome = _SUCCESS if self._excluded(exc) else _FAILURE
         else:
@@ -928,7 +966,6 @@ class CircuitBreaker:
 
         # pybreaker's order: failure listeners, then the transition, then success listeners.
         if outcome == _FAILURE:
-            assert exc is not None
             for hook in self._on_failure:
                 _telemetry.failsafe("a circuit breaker listener's failure()", hook, self, exc)
         if transition is not None:
@@ -936,6 +973,18 @@ class CircuitBreaker:
         if outcome == _SUCCESS:
             for hook in self._on_success:
                 _telemetry.failsafe("a circuit breaker listener's success()", hook, self)
+
+    def _judge(self, result: Any) -> int:
+        assert self._on_result is not None
+        try:
+            return _FAILURE if self._on_result(result) else _SUCCESS
+        except Exception:
+            _stdlib_log.exception(
+                "reskit: on_result predicate of circuit breaker %r raised; the call counts "
+                "as neither success nor failure",
+                self._label,
+            )
+            return _NEITHER
 
     def _excluded(self, exc: BaseException) -> bool:
         if isinstance(exc, self._exclude_types):

@@ -6,10 +6,13 @@ connection a service has. At most ``max_concurrent`` calls run at once; up to
 past the caller's remaining deadline); everyone else is rejected at once with
 :class:`~reskit.BulkheadFull`, which a policy never retries.
 
-One set of decisions serves threads and tasks alike: :meth:`Bulkhead._try_acquire`
-admits, queues or rejects under a :class:`threading.Lock` held for well under a
-microsecond, and only the waiting differs (a :class:`threading.Event` for
-threads, a future for tasks). The lock is never held across the protected call
+A bulkhead is a gate (``_gate.py``) that may wait: :meth:`Bulkhead.admit`
+blocks a thread in the queue, :meth:`Bulkhead.admit_async` awaits there, and
+:meth:`Bulkhead.try_admit` takes a free slot without waiting. One set of
+decisions serves them all: :meth:`Bulkhead._try_acquire` admits, queues or
+rejects under a :class:`threading.Lock` held for well under a microsecond, and
+only the waiting differs (a :class:`threading.Event` for threads, a future for
+tasks). The lock is never held across the protected call
 or a wait. A freed slot is handed directly to the oldest admissible waiter, so
 a woken waiter never has to race for its slot.
 
@@ -29,13 +32,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
 from . import _clock, _telemetry
 from ._adaptive import AdaptiveLimit
-from ._config import seconds
+from ._config import seconds, setting
 from ._context import remaining_deadline
 from ._errors import BulkheadFull, Rejected
 
@@ -172,6 +175,9 @@ class Bulkhead:
         name: the name reported on the ``reskit.bulkhead.occupancy`` gauge;
             by default the name of the first policy that uses the bulkhead.
 
+    The settings are fixed at construction (assigning one raises
+    :class:`~reskit.FrozenConfigError`).
+
     ``BulkheadFull.retry_after`` estimates when a slot will be free for a new
     caller: the mean duration of recent calls that ended while their partition
     was full (exponentially weighted), times the callers queued ahead plus one,
@@ -187,21 +193,38 @@ class Bulkhead:
         "_default",
         "_global_cap",
         "_in_flight",
+        "_key",
         "_lock",
         "_lock_free",
+        "_max_concurrent",
+        "_max_partitions",
+        "_max_waiting",
         "_mean_duration",
+        "_name",
         "_partitions",
         "_queued",
         "_seq",
         "_spare",
+        "_wait_timeout",
         "_waiting",
-        "key",
-        "max_concurrent",
-        "max_partitions",
-        "max_waiting",
-        "name",
-        "wait_timeout",
     )
+
+    _instead = "Build a new Bulkhead(...) and use policy.replace(bulkhead=...)."
+
+    max_concurrent = setting("_max_concurrent", "The most calls allowed to run at once.")
+    max_waiting = setting("_max_waiting", "How many callers may wait for a slot.")
+    wait_timeout = setting("_wait_timeout", "Seconds a caller waits for a slot, or ``None``.")
+    key = setting("_key", "The partition key function, or ``None``.")
+    max_partitions = setting("_max_partitions", "The most keyed partitions alive at once.")
+    name = setting(
+        "_name", "The name on the occupancy gauge (by default, the first policy's name)."
+    )
+    #: Durations feed ``retry_after`` and adaptive limits (gate protocol).
+    timed = True
+    #: Admission may wait in the queue (gate protocol).
+    waits = True
+    #: What :meth:`admit` raises (gate protocol).
+    rejection = BulkheadFull
 
     def __init__(
         self,
@@ -259,12 +282,12 @@ class Bulkhead:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
 
-        self.max_concurrent = max_concurrent
-        self.max_waiting = max_waiting
-        self.wait_timeout = timeout
-        self.key = key
-        self.max_partitions = max_partitions
-        self.name = name
+        self._max_concurrent = max_concurrent
+        self._max_waiting = max_waiting
+        self._wait_timeout = timeout
+        self._key = key
+        self._max_partitions = max_partitions
+        self._name = name
         self._adaptive = limit
         self._global_cap = limit.current if limit is not None else _UNBOUNDED
         # The default partition takes and returns slots without the lock unless
@@ -293,7 +316,7 @@ class Bulkhead:
         """
         if self._adaptive is not None:
             return self._in_flight
-        cap = self.max_concurrent
+        cap = self._max_concurrent
         with self._lock:
             busy = cap - len(self._default.free)
             for part in self._partitions.values():
@@ -325,7 +348,7 @@ class Bulkhead:
         .. versionadded:: 0.1.0
         """
         cap = self._global_cap
-        return cap if cap < self.max_concurrent else self.max_concurrent
+        return cap if cap < self._max_concurrent else self._max_concurrent
 
     @property
     def adaptive_limit(self) -> AdaptiveLimit | None:
@@ -336,18 +359,18 @@ class Bulkhead:
         return self._adaptive
 
     def __repr__(self) -> str:
-        name = f"{self.name!r}, " if self.name is not None else ""
+        name = f"{self._name!r}, " if self._name is not None else ""
         return (
-            f"Bulkhead({name}max_concurrent={self.max_concurrent}, limit={self.limit}, "
+            f"Bulkhead({name}max_concurrent={self._max_concurrent}, limit={self.limit}, "
             f"in_flight={self.in_flight}, waiting={self._waiting}, "
             f"partitions={len(self._partitions)})"
         )
 
-    # -- the seams the Policy engine calls -----------------------------------
-    def _partition(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    # -- the gate protocol (what a policy calls around each call) -------------
+    def _partition(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
         """Return the partition key of a call (only called when ``key`` is set)."""
-        assert self.key is not None
-        value = self.key(*args, **kwargs)
+        assert self._key is not None
+        value = self._key(*args, **kwargs)
         if value is not None and not isinstance(value, str):
             raise TypeError(
                 f"the bulkhead's key function must return a str or None, got "
@@ -355,13 +378,28 @@ class Bulkhead:
             )
         return value
 
-    def _take(self, key: str | None) -> _Partition | None:
+    def try_admit(
+        self,
+        policy_name: str | None,
+        key: str | None = None,
+        fn: Callable[..., Any] | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> _Partition | None:
         """Take a free slot at once, without the lock, or return ``None``.
 
         Only the default partition of a bulkhead without an adaptive limit has
-        this path; ``None`` means "ask :meth:`_acquire` or :meth:`_aacquire`",
-        which queue, reject or admit under the lock. Never raises, never waits.
+        this path; ``None`` means "call :meth:`admit` or :meth:`admit_async`",
+        which queue, reject or admit under the lock (and run the key function).
+        Never raises, never waits.
+
+        .. versionadded:: 0.1.0
         """
+        if key is None and fn is not None and self._key is not None:
+            return None  # the key function decides the partition: admit_async runs it
+        return self._take(key)
+
+    def _take(self, key: str | None) -> _Partition | None:
         if key is None and self._lock_free:
             part = self._default
             # Behind a queue, a newcomer must queue too.
@@ -373,10 +411,36 @@ class Bulkhead:
                 return part
         return None
 
-    def _acquire(self, policy_name: str | None, key: str | None) -> _Partition:
-        """Take a slot for a sync call, waiting in the queue if allowed."""
-        if self.name is None:
-            self.name = policy_name
+    def _key_of(
+        self,
+        key: str | None,
+        fn: Callable[..., Any] | None,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any] | None,
+    ) -> str | None:
+        if key is None and fn is not None and self._key is not None:
+            return self._partition(args, kwargs or {})
+        return key
+
+    def admit(
+        self,
+        policy_name: str | None,
+        key: str | None = None,
+        fn: Callable[..., Any] | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> _Partition:
+        """Take a slot for a call, blocking this thread in the queue if allowed.
+
+        The partition is ``key`` when given, else what the ``key`` function
+        returns for ``args`` and ``kwargs``. Raises :class:`~reskit.BulkheadFull`.
+        Every permit must be handed back to :meth:`record` exactly once.
+
+        .. versionadded:: 0.1.0
+        """
+        if self._name is None:
+            self._name = policy_name
+        key = self._key_of(key, fn, args, kwargs)
         permit = self._take(key)
         if permit is not None:
             return permit
@@ -400,10 +464,21 @@ class Bulkhead:
             raise
         return self._finish_wait(got, policy_name)
 
-    async def _aacquire(self, policy_name: str | None, key: str | None) -> _Partition:
-        """Take a slot for an async call, waiting in the queue if allowed."""
-        if self.name is None:
-            self.name = policy_name
+    async def admit_async(
+        self,
+        policy_name: str | None,
+        key: str | None = None,
+        fn: Callable[..., Any] | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> _Partition:
+        """Like :meth:`admit`, awaiting (not blocking) while queued.
+
+        .. versionadded:: 0.1.0
+        """
+        if self._name is None:
+            self._name = policy_name
+        key = self._key_of(key, fn, args, kwargs)
         permit = self._take(key)
         if permit is not None:
             return permit
@@ -426,8 +501,16 @@ class Bulkhead:
                 timer.cancel()
         return self._finish_wait(got, policy_name)
 
-    def _release(self, permit: _Partition, duration: float, exc: BaseException | None) -> None:
-        """Give back a slot (exactly once per permit) and feed the adaptive limit."""
+    def record(
+        self, permit: _Partition, exc: BaseException | None, duration: float, result: Any = None
+    ) -> None:
+        """Give back the slot of ``permit`` and feed the adaptive limit.
+
+        ``exc`` is what the call raised (``None`` if it returned) and
+        ``duration`` how long it held the slot, in seconds.
+
+        .. versionadded:: 0.1.0
+        """
         if not permit.free:
             # ``retry_after`` is only ever asked for while slots are short, so
             # only calls ending in a full partition feed its estimate: the
@@ -493,12 +576,12 @@ class Bulkhead:
             part = self._default if key is None else self._partitions.get(key)
             if part is None:
                 assert key is not None
-                if len(self._partitions) < self.max_partitions:
+                if len(self._partitions) < self._max_partitions:
                     part = self._new_partition_locked(key)
             if part is None:
                 reason = (
                     f"{len(self._partitions)} partitions are in use "
-                    f"(max_partitions={self.max_partitions}), so a new key is refused"
+                    f"(max_partitions={self._max_partitions}), so a new key is refused"
                 )
                 retry_after = self._retry_after_locked(0)
             else:
@@ -530,17 +613,17 @@ class Bulkhead:
     def _enqueue_locked(
         self, part: _Partition, asynchronous: bool
     ) -> tuple[str, float | None, _Waiter | None]:
-        if len(part.waiters) >= self.max_waiting:
-            busy = self.max_concurrent - len(part.free)
+        if len(part.waiters) >= self._max_waiting:
+            busy = self._max_concurrent - len(part.free)
             reason = f"{busy} in flight (limit {self.limit}) and " + (
                 "no waiting allowed (max_waiting=0)"
-                if self.max_waiting == 0
-                else f"the waiting queue is full (max_waiting={self.max_waiting})"
+                if self._max_waiting == 0
+                else f"the waiting queue is full (max_waiting={self._max_waiting})"
             )
             retry_after = self._retry_after_locked(len(part.waiters))
             self._reclaim_locked(part)
             return reason, retry_after, None
-        budget = self.wait_timeout
+        budget = self._wait_timeout
         left = remaining_deadline()
         if left is not None and (budget is None or left < budget):
             budget = left
@@ -604,7 +687,11 @@ class Bulkhead:
         self._reclaim_locked(part)
 
     def _reclaim_locked(self, part: _Partition) -> None:
-        if part is not self._default and not part.waiters and len(part.free) == self.max_concurrent:
+        if (
+            part is not self._default
+            and not part.waiters
+            and len(part.free) == self._max_concurrent
+        ):
             self._drop_locked(part)
 
     def _new_partition_locked(self, key: str) -> _Partition:
@@ -612,7 +699,7 @@ class Bulkhead:
             part = self._spare.pop()
             part.key = key
         else:
-            part = _Partition(key, self.max_concurrent)
+            part = _Partition(key, self._max_concurrent)
         self._partitions[key] = part
         return part
 
@@ -661,7 +748,7 @@ class Bulkhead:
     def _retry_after_locked(self, queued_ahead: int) -> float | None:
         mean = self._mean_duration
         if mean < 0.0:
-            return self.wait_timeout
+            return self._wait_timeout
         # The queue ahead drains at about ``limit`` calls per mean call duration.
         return mean * (queued_ahead + 1) / self.limit
 
@@ -673,7 +760,7 @@ _GAUGE = _telemetry.LiveGauge(
     description="Calls holding a bulkhead slot, per bulkhead",
     observe=lambda bulkhead: (
         None
-        if bulkhead.name is None
-        else (bulkhead.in_flight, {"reskit.bulkhead.name": bulkhead.name})
+        if bulkhead._name is None
+        else (bulkhead.in_flight, {"reskit.bulkhead.name": bulkhead._name})
     ),
 )

@@ -1,12 +1,29 @@
-"""Process-wide toggles and value conversions shared by every strategy."""
+"""Process-wide toggles, value conversions and the frozen-configuration helpers.
+
+Configuration objects (a :class:`~reskit.Policy`, a :class:`~reskit.Retry`, a
+breaker's settings...) are read once, when a policy is compiled; an assignment
+afterwards would be silently ignored. So they refuse it, in one of two ways:
+
+- :class:`Frozen` objects hold configuration only: every assignment after
+  ``__init__`` raises :class:`~reskit.FrozenConfigError`.
+- Objects that also keep runtime state (a breaker's counters, a bulkhead's slots)
+  update that state on hot paths, where a Python-level ``__setattr__`` would cost
+  more than the work itself. Their public settings are :func:`setting`
+  properties over private slots instead: reading is a C-level attribute get,
+  assigning raises the same error.
+"""
 
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from datetime import timedelta
+from typing import Any, ClassVar
 
-__all__ = ["CONFIG", "seconds", "set_testing"]
+from ._errors import FrozenConfigError
+
+__all__ = ["CONFIG", "Frozen", "seconds", "set_testing", "setting"]
 
 
 class _Config:
@@ -78,3 +95,55 @@ def seconds(
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{what} must be {bound} seconds, got {value!r}; pass a positive duration")
     return value
+
+
+def _refusal(obj: object, name: str, instead: str) -> FrozenConfigError:
+    return FrozenConfigError(
+        f"cannot assign {type(obj).__name__}.{name}: its configuration is fixed at "
+        f"construction (a policy reads it once, when it is compiled). "
+        f"{instead.format(name=name)}"
+    )
+
+
+class Frozen:
+    """Base of configuration-only objects: every assignment after ``__init__`` raises.
+
+    ``__init__`` sets fields with ``object.__setattr__``; subclasses say in
+    ``_instead`` what to do instead (``{name}`` is the refused attribute).
+    """
+
+    __slots__ = ()
+
+    _instead: ClassVar[str] = "Build a new one instead."
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise _refusal(self, name, self._instead)
+
+    def __delattr__(self, name: str) -> None:
+        raise _refusal(self, name, self._instead)
+
+
+class _Setting(property):
+    # A property that learns its public name, for the error message.
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._public = name
+
+
+def setting(private: str, doc: str) -> Any:
+    """A public, read-only setting stored in the slot ``private`` (see the module docstring).
+
+    The owning class says in ``_instead`` what to do instead of assigning it.
+    """
+    prop: _Setting
+
+    def refuse(obj: Any, value: Any) -> None:
+        raise _refusal(obj, prop._public, type(obj)._instead)
+
+    def refuse_delete(obj: Any) -> None:
+        raise _refusal(obj, prop._public, type(obj)._instead)
+
+    prop = _Setting(operator.attrgetter(private), refuse, refuse_delete)
+    # A property subclass does not take ``doc`` from the constructor on 3.11.
+    prop.__doc__ = doc
+    return prop

@@ -23,7 +23,7 @@ from tenacity.wait import wait_base
 
 from ._fallback import Fallback
 from ._policy import Policy
-from ._retry import DEFAULT_ATTEMPTS, DEFAULT_WAIT_INITIAL, DEFAULT_WAIT_MAX, Retry, RetryBudget
+from ._retry import DEFAULT_WAIT_INITIAL, DEFAULT_WAIT_MAX, Retry, RetryBudget, RetryDetails
 
 if TYPE_CHECKING:
     import random as _random
@@ -42,15 +42,17 @@ def timeout(seconds: float | timedelta, *, name: str | None = None) -> Policy:
 
 
 def retry(
-    attempts: int = DEFAULT_ATTEMPTS,
+    attempts: int | None = None,
     on: ExceptionFilter | None = None,
     *,
+    on_result: Callable[[Any], bool] | None = None,
     wait: float | timedelta | wait_base | None = None,
     wait_initial: float | timedelta = DEFAULT_WAIT_INITIAL,
     wait_max: float | timedelta = DEFAULT_WAIT_MAX,
     stop: stop_base | None = None,
     retry: retry_base | None = None,
     budget: RetryBudget | None = None,
+    on_retry: Callable[[RetryDetails], Any] | None = None,
     random: _random.Random | None = None,
     deadline: float | timedelta | None = None,
     name: str | None = None,
@@ -67,12 +69,14 @@ def retry(
         retry=Retry(
             attempts,
             on,
+            on_result=on_result,
             wait=wait,
             wait_initial=wait_initial,
             wait_max=wait_max,
             stop=stop,
             retry=retry,
             budget=budget,
+            on_retry=on_retry,
             random=random,
         ),
     )

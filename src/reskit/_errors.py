@@ -12,7 +12,8 @@ Everything reskit raises on its own account derives from :class:`ReskitError`::
     │   ├── Throttled
     │   └── RetryBudgetExhausted
     ├── IdempotencyConflict
-    └── IdempotencyMismatch
+    ├── IdempotencyMismatch
+    └── FrozenConfigError      (also a builtin AttributeError)
 
 Exceptions raised by the protected function itself pass through unchanged: after
 the last retry the last exception is re-raised with a note, never wrapped.
@@ -25,6 +26,7 @@ from typing import ClassVar
 __all__ = [
     "BulkheadFull",
     "CircuitOpen",
+    "FrozenConfigError",
     "IdempotencyConflict",
     "IdempotencyMismatch",
     "KillSwitchOff",
@@ -193,6 +195,17 @@ class IdempotencyConflict(ReskitError):
 
 class IdempotencyMismatch(ReskitError):
     """The idempotency key was used before with different arguments.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class FrozenConfigError(ReskitError, AttributeError):
+    """An attribute of a configuration object was assigned after construction.
+
+    Policies and strategy configurations are frozen so that a change never goes
+    silently unused (a compiled policy would keep the old value). The message
+    says what to do instead, usually ``policy.replace(...)``.
 
     .. versionadded:: 0.1.0
     """

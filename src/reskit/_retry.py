@@ -1,34 +1,49 @@
 """Retries: configuration, the retry budget, and the per-call decision.
 
-The decision (:meth:`RetryCall.next_delay`) is plain code: it never sleeps. The
-sync and async drivers in ``_policy.py`` ask it how long to wait and do the
-waiting themselves, so the rules are written once.
+The decision (:meth:`RetryCall.decide`) is written once, as a *flow*: a
+generator that returns the seconds to wait (or ``None`` to stop) and yields only
+when a strategy it asked (a ``tenacity.asyncio`` predicate, an async
+``on_retry`` hook) returned an awaitable. The sync drivers run a flow with
+:func:`run_flow`, the async ones with :func:`arun_flow`; neither sleeps, and
+nothing in the decision is written twice (httpx's ``auth_flow`` does the same
+for authentication).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 import random as _random_module
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeAlias, TypeVar
 
 import tenacity
+from tenacity import TryAgain
+from tenacity._utils import is_coroutine_callable
+from tenacity.asyncio import retry as _async_retry
 from tenacity.retry import retry_base
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from . import _clock
-from ._config import CONFIG, seconds
+from ._config import CONFIG, Frozen, seconds, setting
 from ._errors import CircuitOpen, Rejected, RetryBudgetExhausted, TimeoutExceeded
 
 __all__ = [
     "DEFAULT_ATTEMPTS",
     "DEFAULT_WAIT_INITIAL",
     "DEFAULT_WAIT_MAX",
+    "Flow",
     "Retry",
     "RetryBudget",
     "RetryCall",
+    "RetryDetails",
+    "arun_flow",
+    "run_flow",
 ]
 
 DEFAULT_ATTEMPTS = 3
@@ -41,9 +56,57 @@ DEFAULT_BUDGET_WINDOW = 10.0
 # 2.0 ** 1024 overflows a float; any exponent past 64 is capped anyway.
 _MAX_EXPONENT = 64
 
+_log = logging.getLogger("reskit")
+
 ExceptionFilter = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[Exception], bool]
 )
+
+T = TypeVar("T")
+#: A decision that may need to await: yields awaitables, is sent their results.
+Flow: TypeAlias = Generator[Awaitable[Any], Any, T]
+
+
+def run_flow(flow: Flow[T]) -> T:
+    """Run a flow in a sync call; an awaitable there is a strategy of the wrong kind."""
+    try:
+        awaitable = flow.send(None)
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+    flow.close()
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
+    raise TypeError(
+        f"a retry strategy or hook returned an awaitable ({awaitable!r}) in a sync call; "
+        "async strategies (tenacity.asyncio, async def predicates and hooks) need an async "
+        "function"
+    )
+
+
+async def arun_flow(flow: Flow[T]) -> T:
+    """Run a flow in an async call, awaiting what it yields."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            awaitable = flow.send(value) if error is None else flow.throw(error)
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
+        try:
+            value = await awaitable
+            error = None
+        except BaseException as exc:  # handed to the flow, which decides whether to raise
+            value, error = None, exc
+
+
+def _ask(strategy: Callable[[Any], Any], argument: Any) -> Flow[Any]:
+    """Call a strategy; await its answer through the flow if it is awaitable."""
+    answer = strategy(argument)
+    if inspect.isawaitable(answer):
+        answer = yield answer
+    return answer
 
 
 class RetryBudget:
@@ -71,14 +134,20 @@ class RetryBudget:
         "_buckets",
         "_calls",
         "_lock",
+        "_min_per_second",
+        "_ratio",
         "_retries",
         "_second",
         "_total_calls",
         "_total_retries",
-        "min_per_second",
-        "ratio",
-        "window",
+        "_window",
     )
+
+    _instead = "Build a new RetryBudget(...) and give it to Retry(budget=...)."
+
+    ratio = setting("_ratio", "Retries allowed per call (0 to 1).")
+    min_per_second = setting("_min_per_second", "Retries a second always allowed.")
+    window = setting("_window", "Seconds of history counted.")
 
     def __init__(
         self,
@@ -101,9 +170,9 @@ class RetryBudget:
         assert window_s is not None
         if window_s < 1:
             raise ValueError(f"RetryBudget window must be at least 1 second, got {window_s!r}")
-        self.ratio = float(ratio)
-        self.min_per_second = float(min_per_second)
-        self.window = window_s
+        self._ratio = float(ratio)
+        self._min_per_second = float(min_per_second)
+        self._window = window_s
         self._buckets = math.ceil(window_s)
         self._calls = [0] * self._buckets
         self._retries = [0] * self._buckets
@@ -140,7 +209,7 @@ class RetryBudget:
     def _withdraw(self) -> bool:
         with self._lock:
             i = self._rotate()
-            allowed = self.min_per_second * self.window + self.ratio * self._total_calls
+            allowed = self._min_per_second * self._window + self._ratio * self._total_calls
             if self._total_retries + 1 > allowed:
                 return False
             self._retries[i] += 1
@@ -163,8 +232,8 @@ class RetryBudget:
 
     def __repr__(self) -> str:
         return (
-            f"RetryBudget(ratio={self.ratio}, min_per_second={self.min_per_second}, "
-            f"window={self.window})"
+            f"RetryBudget(ratio={self._ratio}, min_per_second={self._min_per_second}, "
+            f"window={self._window})"
         )
 
 
@@ -186,51 +255,123 @@ def _as_predicate(on: ExceptionFilter) -> Callable[[Exception], bool]:
     )
 
 
-class Retry:
+# tenacity's retry strategies that return False for a successful attempt, whatever
+# it returned: with only these, a success never needs a retry decision.
+_EXCEPTION_ONLY_CALLS = frozenset(
+    {
+        tenacity.retry_if_exception.__call__,
+        tenacity.retry_if_exception_cause_type.__call__,
+        type(tenacity.retry_never).__call__,
+        _async_retry.retry_if_exception.__call__,
+    }
+)
+_COMBINATIONS = (
+    tenacity.retry_any,
+    tenacity.retry_all,
+    _async_retry.retry_any,
+    _async_retry.retry_all,
+)
+
+
+def _may_retry_a_success(strategy: Any) -> bool:
+    """Whether a tenacity retry strategy can ask to retry an attempt that returned."""
+    if isinstance(strategy, _COMBINATIONS):
+        return any(_may_retry_a_success(child) for child in strategy.retries)
+    return type(strategy).__call__ not in _EXCEPTION_ONLY_CALLS
+
+
+def _async_parts(strategy: Any) -> bool:
+    """Whether a strategy (or a part of a tenacity combination) is a coroutine function."""
+    if is_coroutine_callable(strategy):
+        return True
+    if isinstance(strategy, tenacity.retry_any | tenacity.retry_all) and any(
+        _async_parts(child) for child in strategy.retries
+    ):
+        # tenacity's own sync combinations would treat the coroutine as "true".
+        raise TypeError(
+            f"{type(strategy).__name__} combines an async retry strategy with sync ones; "
+            "combine them with | or & (tenacity then builds tenacity.asyncio's combination)"
+        )
+    return False
+
+
+def _callable_strategy(value: Any, base: type, what: str, example: str) -> Any:
+    if value is None or isinstance(value, base):
+        return value
+    if isinstance(value, type) or not callable(value):
+        raise TypeError(
+            f"Retry {what}= must be a tenacity {what} strategy ({example}), got {value!r}"
+        )
+    return value
+
+
+class Retry(Frozen):
     """How a policy retries a failed attempt.
 
     Args:
-        attempts: total attempts, the first one included (``>= 1``; default 3).
+        attempts: total attempts, the first one included (``>= 1``). Default: 3,
+            or unlimited when a tenacity ``stop=`` is given (then ``stop``
+            alone decides, as in tenacity; pass both and either one stops).
         on: what to retry: an exception type, a tuple of them, or a predicate
-            ``(exc) -> bool``. Required unless ``retry=`` is given, because
-            retrying every exception is rarely right.
+            ``(exc) -> bool``.
+        on_result: a predicate ``(result) -> bool``: retry while it is true.
+            After the last attempt the last result is returned (not raised), and
+            the call is reported as a failure. Async functions may pass an
+            ``async def`` predicate.
         wait: the wait before each retry: seconds (fixed), a ``timedelta``, or a
             tenacity wait strategy such as ``tenacity.wait_random_exponential(...)``.
             Default: full-jitter exponential backoff, a uniform draw from
             ``[0, min(wait_max, wait_initial * 2 ** (attempt - 1))]``.
         wait_initial: the base of the default backoff (default 0.1 s).
-        wait_max: the cap of the default backoff (default 5 s).
-        stop: an extra tenacity stop strategy (``tenacity.stop_after_delay(10)``);
-            the retry stops when it or ``attempts`` says so.
-        retry: a tenacity retry strategy (``tenacity.retry_if_exception_type(...)``)
-            used instead of ``on``.
+        wait_max: the cap of the default backoff, and the longest ``retry_after``
+            honoured when no deadline bounds the wait (default 5 s).
+        stop: a tenacity stop strategy (``tenacity.stop_after_delay(10)``,
+            ``stop_before_delay``, combinations with ``|`` and ``&``).
+        retry: a tenacity retry strategy (``tenacity.retry_if_exception_type(...)``,
+            ``retry_if_result``, ``tenacity.asyncio`` strategies with async
+            predicates, combinations with ``|`` and ``&``) used instead of ``on``
+            and ``on_result``. It is asked after every attempt, successful ones
+            included, exactly as tenacity asks it.
         budget: a shared :class:`RetryBudget`; a retry the budget cannot pay for
             raises :class:`RetryBudgetExhausted` chained to the failure.
-        random: the random source for jitter (inject a seeded ``random.Random``
-            to make delays exact in tests).
+        on_retry: a hook called with a :class:`RetryDetails` before each wait
+            (tenacity's ``before_sleep``). What it raises is logged and ignored.
+        random: the random source for the default jitter (inject a seeded
+            ``random.Random`` to make delays exact in tests).
 
-    Some things are never retried, whatever ``on`` says: ``BaseException``\\ s
-    that are not ``Exception``\\ s (cancellation, ``KeyboardInterrupt``,
-    ``SystemExit``, ``GeneratorExit``), reskit's own rejections (a
-    :class:`CircuitOpen` only when the remaining deadline covers its
-    ``retry_after``), and a :class:`TimeoutExceeded` for the whole deadline.
-    An exception with a ``retry_after`` attribute (seconds, as an HTTP 429 or
-    503 carries) waits at least that long, if the deadline allows; with no
-    deadline, a ``retry_after`` longer than ``wait_max`` ends the retries.
+    At least one of ``on``, ``on_result`` and ``retry`` is required, because
+    retrying everything is rarely right. Some things are never retried, whatever
+    they say: ``BaseException``\\ s that are not ``Exception``\\ s
+    (cancellation, ``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit``),
+    reskit's own rejections (a :class:`CircuitOpen` only when the remaining
+    deadline covers its ``retry_after``), and a :class:`TimeoutExceeded` for
+    the whole deadline. tenacity's ``TryAgain`` raised by the function is always
+    retried. An exception with a ``retry_after`` attribute (seconds, as an HTTP
+    429 or 503 carries) waits at least that long, if the deadline allows; with
+    no deadline, a ``retry_after`` longer than ``wait_max`` ends the retries.
+
+    A ``Retry`` is frozen; :meth:`replace` returns a changed copy.
 
     .. versionadded:: 0.1.0
     """
 
     __slots__ = (
+        "_inspects_results",
+        "_is_async",
+        "_limit",
         "_predicate",
         "_random",
         "_tenacity_retry",
         "_tenacity_stop",
         "_tenacity_wait",
+        "_timed",
         "_wait_fixed",
         "attempts",
         "budget",
         "on",
+        "on_result",
+        "on_retry",
+        "random",
         "retry",
         "stop",
         "wait",
@@ -238,45 +379,80 @@ class Retry:
         "wait_max",
     )
 
+    _instead = "Use retry.replace({name}=...) and policy.replace(retry=...) for a changed copy."
+
+    attempts: int | None
+    on: ExceptionFilter | None
+    on_result: Callable[[Any], Any] | None
+    wait: float | timedelta | wait_base | Callable[[Any], float] | None
+    wait_initial: float
+    wait_max: float
+    stop: stop_base | Callable[[Any], Any] | None
+    retry: retry_base | Callable[[Any], Any] | None
+    budget: RetryBudget | None
+    on_retry: Callable[[RetryDetails], Any] | None
+    random: _random_module.Random | None
+    _limit: int | None
+    _predicate: Callable[[Exception], bool] | None
+    _random: _random_module.Random
+    _tenacity_retry: Any
+    _tenacity_stop: Any
+    _tenacity_wait: Any
+    _wait_fixed: float | None
+    _inspects_results: bool
+    _is_async: bool
+    _timed: bool
+
     def __init__(
         self,
-        attempts: int = DEFAULT_ATTEMPTS,
+        attempts: int | None = None,
         on: ExceptionFilter | None = None,
         *,
-        wait: float | timedelta | wait_base | None = None,
+        on_result: Callable[[Any], bool] | None = None,
+        wait: float | timedelta | wait_base | Callable[[Any], float] | None = None,
         wait_initial: float | timedelta = DEFAULT_WAIT_INITIAL,
         wait_max: float | timedelta = DEFAULT_WAIT_MAX,
-        stop: stop_base | None = None,
-        retry: retry_base | None = None,
+        stop: stop_base | Callable[[Any], bool] | None = None,
+        retry: retry_base | Callable[[Any], bool] | None = None,
         budget: RetryBudget | None = None,
+        on_retry: Callable[[RetryDetails], Any] | None = None,
         random: _random_module.Random | None = None,
     ) -> None:
-        if isinstance(attempts, bool) or not isinstance(attempts, int):
-            raise TypeError(f"Retry attempts must be an int, got {attempts!r}")
-        if attempts < 1:
-            raise ValueError(
-                f"Retry attempts must be >= 1 (the first call counts), got {attempts}; "
-                "use attempts=1 for no retries"
-            )
-        if on is None and retry is None:
+        if attempts is not None:
+            if isinstance(attempts, bool) or not isinstance(attempts, int):
+                raise TypeError(f"Retry attempts must be an int, got {attempts!r}")
+            if attempts < 1:
+                raise ValueError(
+                    f"Retry attempts must be >= 1 (the first call counts), got {attempts}; "
+                    "use attempts=1 for no retries"
+                )
+        if on is None and retry is None and on_result is None:
             raise TypeError(
-                "Retry needs on= (what to retry, e.g. on=(ConnectionError, TimeoutError)) "
-                "or a tenacity retry= strategy"
+                "Retry needs on= (what to retry, e.g. on=(ConnectionError, TimeoutError)), "
+                "on_result= (a predicate on the result), or a tenacity retry= strategy"
             )
-        if on is not None and retry is not None:
-            raise TypeError("pass either on= or a tenacity retry= strategy to Retry, not both")
-        if stop is not None and not isinstance(stop, stop_base):
-            raise TypeError(f"Retry stop= must be a tenacity stop strategy, got {stop!r}")
-        if retry is not None and not isinstance(retry, retry_base):
-            raise TypeError(f"Retry retry= must be a tenacity retry strategy, got {retry!r}")
+        if retry is not None and (on is not None or on_result is not None):
+            raise TypeError(
+                "pass either on=/on_result= or a tenacity retry= strategy to Retry, not both; "
+                "tenacity combines conditions with | (e.g. retry_if_exception_type(...) | "
+                "retry_if_result(...))"
+            )
+        stop = _callable_strategy(stop, stop_base, "stop", "e.g. tenacity.stop_after_delay(10)")
+        retry = _callable_strategy(
+            retry, retry_base, "retry", "e.g. tenacity.retry_if_exception_type(OSError)"
+        )
+        if on_result is not None and not callable(on_result):
+            raise TypeError(
+                f"Retry on_result= must be a predicate on the result, got {on_result!r}"
+            )
+        if on_retry is not None and not callable(on_retry):
+            raise TypeError(
+                f"Retry on_retry= must be callable with a RetryDetails, got {on_retry!r}"
+            )
         if budget is not None and not isinstance(budget, RetryBudget):
             raise TypeError(f"Retry budget= must be a reskit.RetryBudget, got {budget!r}")
-        self.attempts = attempts
-        self.on = on
-        self.retry = retry
-        self.stop = stop
-        self.budget = budget
-        self.wait = wait
+        if random is not None and not isinstance(random, _random_module.Random):
+            raise TypeError(f"Retry random= must be a random.Random, got {random!r}")
         initial = seconds(wait_initial, "Retry wait_initial", allow_zero=True)
         cap = seconds(wait_max, "Retry wait_max", allow_zero=True)
         assert initial is not None
@@ -285,26 +461,126 @@ class Retry:
             raise ValueError(
                 f"Retry wait_max ({cap}) must be >= wait_initial ({initial}); raise wait_max"
             )
-        self.wait_initial = initial
-        self.wait_max = cap
-        self._tenacity_wait: wait_base | None = None
-        self._wait_fixed: float | None = None
+        tenacity_wait: Any = None
+        wait_fixed: float | None = None
         if isinstance(wait, wait_base):
-            self._tenacity_wait = wait
-        elif wait is not None:
-            self._wait_fixed = seconds(wait, "Retry wait", allow_zero=True)
-        self._predicate = _as_predicate(on) if on is not None else None
-        self._tenacity_retry = retry
-        self._tenacity_stop = stop
-        self._random = random if random is not None else _random_module.Random()
+            tenacity_wait = wait
+        elif wait is None:
+            pass
+        elif isinstance(wait, timedelta | int | float):
+            wait_fixed = seconds(wait, "Retry wait", allow_zero=True)
+        elif callable(wait) and not isinstance(wait, type):
+            tenacity_wait = wait
+        else:
+            raise TypeError(
+                "Retry wait= must be seconds, a timedelta or a tenacity wait strategy, "
+                f"got {wait!r}"
+            )
+        is_async = any(
+            _async_parts(part)
+            for part in (on_result, tenacity_wait, stop, retry, on_retry)
+            if part is not None
+        )
+
+        init = object.__setattr__
+        init(self, "attempts", attempts)
+        init(self, "on", on)
+        init(self, "on_result", on_result)
+        init(self, "wait", wait)
+        init(self, "wait_initial", initial)
+        init(self, "wait_max", cap)
+        init(self, "stop", stop)
+        init(self, "retry", retry)
+        init(self, "budget", budget)
+        init(self, "on_retry", on_retry)
+        init(self, "random", random)
+        limit = attempts if attempts is not None or stop is not None else DEFAULT_ATTEMPTS
+        init(self, "_limit", limit)
+        init(self, "_predicate", _as_predicate(on) if on is not None else None)
+        init(self, "_tenacity_retry", retry)
+        init(self, "_tenacity_stop", stop)
+        init(self, "_tenacity_wait", tenacity_wait)
+        init(self, "_wait_fixed", wait_fixed)
+        init(
+            self,
+            "_inspects_results",
+            on_result is not None or (retry is not None and _may_retry_a_success(retry)),
+        )
+        init(self, "_is_async", is_async)
+        # tenacity's strategies may read the time since the call began: only then
+        # is the start worth a clock read on the success path.
+        init(self, "_timed", retry is not None or stop is not None or tenacity_wait is not None)
+        init(self, "_random", random if random is not None else _random_module.Random())
 
     def backoff(self, attempt: int) -> float:
-        """The default full-jitter wait after failed attempt number ``attempt``."""
+        """The default full-jitter wait after failed attempt number ``attempt``.
+
+        .. versionadded:: 0.1.0
+        """
         ceiling = self.wait_initial * 2.0 ** min(attempt - 1, _MAX_EXPONENT)
         return self._random.uniform(0.0, min(self.wait_max, ceiling))
 
+    def replace(self, **changes: Any) -> Retry:
+        """Return a copy with ``changes`` applied (the arguments of :class:`Retry`).
+
+        .. versionadded:: 0.1.0
+        """
+        fields = {name: getattr(self, name) for name in _RETRY_FIELDS}
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(
+                f"Retry.replace() got unknown field(s) {', '.join(sorted(unknown))}; "
+                f"the fields are {', '.join(_RETRY_FIELDS)}"
+            )
+        fields.update(changes)
+        return Retry(**fields)
+
     def __repr__(self) -> str:
-        return f"Retry(attempts={self.attempts}, on={self.on!r})"
+        parts = [f"attempts={self.attempts}"]
+        for name in ("on", "on_result", "retry", "stop", "wait"):
+            value = getattr(self, name)
+            if value is not None:
+                parts.append(f"{name}={value!r}")
+        return f"Retry({', '.join(parts)})"
+
+
+_RETRY_FIELDS = (
+    "attempts",
+    "on",
+    "on_result",
+    "wait",
+    "wait_initial",
+    "wait_max",
+    "stop",
+    "retry",
+    "budget",
+    "on_retry",
+    "random",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDetails:
+    """What an ``on_retry`` hook receives before each wait.
+
+    Attributes:
+        policy: the policy's name.
+        attempt: the number of the attempt that just failed (1 for the first).
+        wait: the seconds reskit is about to wait before the next attempt.
+        waited_so_far: the seconds already waited between earlier attempts.
+        exception: what the attempt raised, or ``None`` when its result asked
+            for the retry (``on_result``, tenacity's ``retry_if_result``).
+        result: what the attempt returned, when ``exception`` is ``None``.
+
+    .. versionadded:: 0.1.0
+    """
+
+    policy: str
+    attempt: int
+    wait: float
+    waited_so_far: float
+    exception: BaseException | None
+    result: Any = None
 
 
 # tenacity's strategies expect a RetryCallState bound to a Retrying object; one
@@ -313,116 +589,169 @@ _TENACITY_RETRYING = tenacity.Retrying()
 
 
 class RetryCall:
-    """Per-call retry state; created on the first failure, never shared."""
+    """Per-call retry state; created on the first decision, never shared.
 
-    __slots__ = ("_slept", "_state", "attempt", "policy", "retry", "started")
+    ``asked`` becomes true when the retry condition held for the last outcome,
+    so a result returned after the last attempt can be reported as a failure.
+    """
+
+    __slots__ = ("_state", "asked", "attempt", "policy", "retry", "slept", "started")
 
     def __init__(self, retry: Retry, policy: str, started: float) -> None:
         self.retry = retry
         self.policy = policy
         self.started = started
         self.attempt = 1
-        self._slept = 0.0
+        self.slept = 0.0
+        self.asked = False
         self._state: tenacity.RetryCallState | None = None
 
-    def _tenacity_state(self, exc: Exception, now: float) -> tenacity.RetryCallState:
+    def _tenacity_state(
+        self, exc: BaseException | None, result: Any, now: float
+    ) -> tenacity.RetryCallState:
         state = self._state
         if state is None:
             state = self._state = tenacity.RetryCallState(_TENACITY_RETRYING, None, (), {})
             state.start_time = self.started
         state.attempt_number = self.attempt
-        state.outcome = tenacity.Future.construct(self.attempt, exc, True)
+        if exc is not None:
+            state.outcome = tenacity.Future.construct(self.attempt, exc, True)
+        else:
+            state.outcome = tenacity.Future.construct(self.attempt, result, False)
         state.outcome_timestamp = now
-        state.idle_for = self._slept
+        state.idle_for = self.slept
+        state.upcoming_sleep = 0.0
         return state
 
-    def next_delay(self, exc: Exception, deadline: float | None) -> float | None:
-        """Decide what follows the failure ``exc`` of the current attempt.
+    def decide(
+        self, exc: BaseException | None, result: Any, deadline: float | None
+    ) -> Flow[float | None]:
+        """Decide what follows the outcome of the current attempt.
 
-        Returns the seconds to wait before the next attempt, or ``None`` when
-        the caller must re-raise ``exc`` (a note saying why is added when
-        retries ran out). Raises :class:`RetryBudgetExhausted` when a retry was
-        due but the budget could not pay for it.
+        The outcome is ``exc`` (an ``Exception`` the attempt raised) or, when
+        ``exc`` is ``None``, the ``result`` it returned. Returns (as a flow) the
+        seconds to wait before the next attempt, or ``None`` when the outcome
+        stands: the caller re-raises ``exc`` (a note says why when retries ran
+        out) or returns ``result``. Raises :class:`RetryBudgetExhausted` when a
+        retry was due but the budget could not pay for it.
         """
         retry = self.retry
         now = _clock.now()
         retry_after: float | None = None
-        if isinstance(exc, Rejected):
-            # Our own rejections are final, except an open breaker that will
-            # half-open before the deadline: waiting for it is the retry.
-            if not isinstance(exc, CircuitOpen) or deadline is None or exc.retry_after is None:
-                return None
-            retry_after = exc.retry_after
-        elif isinstance(exc, TimeoutExceeded) and exc.kind == "deadline":
-            return None
-        else:
-            if retry._predicate is not None:
-                if not retry._predicate(exc):
+        self.asked = False
+        testing = CONFIG.testing
+        state: tenacity.RetryCallState | None = None
+        if exc is not None:
+            if isinstance(exc, Rejected):
+                # Our own rejections are final, except an open breaker that will
+                # half-open before the deadline: waiting for it is the retry.
+                if not isinstance(exc, CircuitOpen) or deadline is None or exc.retry_after is None:
                     return None
-            elif retry._tenacity_retry is not None and not retry._tenacity_retry(
-                self._tenacity_state(exc, now)
-            ):
+                retry_after = exc.retry_after
+            elif isinstance(exc, TimeoutExceeded) and exc.kind == "deadline":
                 return None
-            retry_after = _retry_after_of(exc)
-
-        attempts = retry.attempts
-        if CONFIG.testing:
-            attempts = (
-                min(attempts, CONFIG.testing_attempts)
-                if CONFIG.testing_cap
-                else CONFIG.testing_attempts
-            )
-        if self.attempt >= attempts:
-            exc.add_note(f"reskit: policy {self.policy!r} gave up after {self.attempt} attempt(s)")
+            elif isinstance(exc, TryAgain):
+                pass  # tenacity's explicit retry, whatever the condition says
+            elif retry._predicate is not None:
+                if not retry._predicate(exc):  # type: ignore[arg-type]
+                    return None
+            elif retry._tenacity_retry is not None:
+                state = self._tenacity_state(exc, None, now)
+                if not (yield from _ask(retry._tenacity_retry, state)):
+                    return None
+            else:
+                return None  # only on_result was given: exceptions stand
+            if retry_after is None:
+                retry_after = _retry_after_of(exc)
+        elif retry.on_result is not None:
+            if not (yield from _ask(retry.on_result, result)):
+                return None
+        elif retry._tenacity_retry is not None:
+            state = self._tenacity_state(None, result, now)
+            if not (yield from _ask(retry._tenacity_retry, state)):
+                return None
+        else:
             return None
-        state = None
-        if retry._tenacity_stop is not None:
-            state = self._tenacity_state(exc, now)
-            if retry._tenacity_stop(state):
-                exc.add_note(
-                    f"reskit: policy {self.policy!r} stopped after {self.attempt} attempt(s) "
-                    "(stop strategy)"
-                )
-                return None
+        self.asked = True
+
+        limit = retry._limit
+        if testing:
+            cap = CONFIG.testing_attempts
+            limit = min(limit, cap) if CONFIG.testing_cap and limit is not None else cap
+        if limit is not None and self.attempt >= limit:
+            _note(exc, f"reskit: policy {self.policy!r} gave up after {self.attempt} attempt(s)")
+            return None
 
         if retry._tenacity_wait is not None:
-            delay = float(retry._tenacity_wait(state or self._tenacity_state(exc, now)))
+            if state is None:
+                state = self._tenacity_state(exc, result, now)
+            delay = float((yield from _ask(retry._tenacity_wait, state)))
         elif retry._wait_fixed is not None:
             delay = retry._wait_fixed
         else:
             delay = retry.backoff(self.attempt)
+        if retry._tenacity_stop is not None and not testing:
+            if state is None:
+                state = self._tenacity_state(exc, result, now)
+            # tenacity computes the wait first, so stop_before_delay can see it.
+            state.upcoming_sleep = delay
+            if (yield from _ask(retry._tenacity_stop, state)):
+                _note(
+                    exc,
+                    f"reskit: policy {self.policy!r} stopped after {self.attempt} attempt(s) "
+                    "(stop strategy)",
+                )
+                return None
         if retry_after is not None and retry_after > delay:
-            if deadline is None and retry_after > retry.wait_max:
+            if deadline is None and retry_after > retry.wait_max and not testing:
                 # Without a deadline nothing else bounds the wait: a hostile or
                 # careless "Retry-After: 86400" must not park the caller.
-                exc.add_note(
+                _note(
+                    exc,
                     f"reskit: policy {self.policy!r} gave up after {self.attempt} attempt(s): "
                     f"retry_after {retry_after:.3f}s exceeds wait_max {retry.wait_max}s and "
-                    "no deadline bounds the wait"
+                    "no deadline bounds the wait",
                 )
                 return None
             delay = retry_after
-        if CONFIG.testing:
+        if testing:
             delay = 0.0
-
         if deadline is not None and now + delay >= deadline:
-            exc.add_note(
+            _note(
+                exc,
                 f"reskit: policy {self.policy!r} gave up after {self.attempt} attempt(s): "
-                f"the deadline leaves no time for a retry in {delay:.3f}s"
+                f"the deadline leaves no time for a retry in {delay:.3f}s",
             )
             return None
         budget = retry.budget
         if budget is not None and not budget._withdraw():
-            raise RetryBudgetExhausted(
+            error = RetryBudgetExhausted(
                 f"policy {self.policy!r}: retry budget exhausted after {self.attempt} attempt(s)",
                 policy=self.policy,
-            ) from exc
+            )
+            if exc is not None:
+                raise error from exc
+            raise error
+        hook = retry.on_retry
+        if hook is not None:
+            details = RetryDetails(self.policy, self.attempt, delay, self.slept, exc, result)
+            try:
+                yield from _ask(hook, details)
+            except Exception:
+                _log.exception(
+                    "reskit: the on_retry hook of policy %r raised; ignored", self.policy
+                )
         self.attempt += 1
-        self._slept += delay
+        self.slept += delay
         return delay
 
 
-def _retry_after_of(exc: Exception) -> float | None:
+def _note(exc: BaseException | None, note: str) -> None:
+    if exc is not None:
+        exc.add_note(note)
+
+
+def _retry_after_of(exc: BaseException) -> float | None:
     """A trustworthy ``retry_after`` (finite, non-negative seconds) or None."""
     value = getattr(exc, "retry_after", None)
     if value is None:

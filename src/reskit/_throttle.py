@@ -20,10 +20,12 @@ import math
 import random as _random
 import threading
 from collections import deque
+from collections.abc import Callable, Mapping
 from datetime import timedelta
+from typing import Any
 
 from . import _clock
-from ._config import seconds
+from ._config import seconds, setting
 from ._errors import Throttled
 
 __all__ = ["DEFAULT_THROTTLE_K", "DEFAULT_THROTTLE_WINDOW", "AdaptiveThrottle"]
@@ -76,22 +78,38 @@ class AdaptiveThrottle:
         random: the random source (a :class:`random.Random`); inject a seeded
             or scripted one to make tests exact.
 
+    The settings are fixed at construction (assigning one raises
+    :class:`~reskit.FrozenConfigError`). A throttle is a gate: :meth:`admit`
+    and :meth:`record` are what a policy calls around each attempt.
+
     .. versionadded:: 0.1.0
     """
 
     __slots__ = (
         "_accepts",
         "_buckets",
+        "_k",
         "_lock",
+        "_min_requests",
+        "_name",
+        "_on",
         "_random",
         "_requests",
+        "_window",
         "_window_seconds",
-        "k",
-        "min_requests",
-        "name",
-        "on",
-        "window",
     )
+
+    _instead = "Build a new AdaptiveThrottle(...) and use policy.replace(throttle=...)."
+
+    k = setting("_k", "How many times the accepted volume the client may send.")
+    window = setting("_window", "Seconds of history.")
+    on = setting("_on", "The exception types that mean the backend rejected a request.")
+    min_requests = setting("_min_requests", "Requests the window needs before throttling starts.")
+    name = setting("_name", "The name given at construction, or ``None``.")
+    #: Gate protocol: the throttle needs no durations, never waits, raises Throttled.
+    timed = False
+    waits = False
+    rejection = Throttled
 
     def __init__(
         self,
@@ -108,7 +126,7 @@ class AdaptiveThrottle:
                 f"k must be a finite number >= 1.0, got {k!r}; 2.0 lets the client send "
                 "about twice what the backend accepts (lower throttles harder)"
             )
-        self.k = float(k)
+        self._k = float(k)
         converted = seconds(window, "window")
         assert converted is not None
         if converted < 1.0:
@@ -116,7 +134,7 @@ class AdaptiveThrottle:
                 f"window must be at least 1 second (requests are counted in one-second "
                 f"buckets), got {converted!r}; the SRE book suggests 120 seconds"
             )
-        self.window = converted
+        self._window = converted
         self._window_seconds = math.ceil(converted)
         types = on if isinstance(on, tuple) else (on,)
         if not types or not all(isinstance(t, type) and issubclass(t, Exception) for t in types):
@@ -124,16 +142,16 @@ class AdaptiveThrottle:
                 f"on must be an Exception subclass or a tuple of them, got {on!r}; "
                 "it names the errors that mean the backend rejected the request"
             )
-        self.on: tuple[type[BaseException], ...] = types
+        self._on: tuple[type[BaseException], ...] = types
         if isinstance(min_requests, bool) or not isinstance(min_requests, int) or min_requests < 0:
             raise ValueError(
                 f"min_requests must be an int >= 0, got {min_requests!r}; "
                 "it is how many requests the window needs before throttling starts"
             )
-        self.min_requests = min_requests
+        self._min_requests = min_requests
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
-        self.name = name
+        self._name = name
         if random is not None and not isinstance(random, _random.Random):
             raise TypeError(f"random must be a random.Random instance, got {random!r}")
         self._random = random if random is not None else _random.Random()
@@ -142,9 +160,21 @@ class AdaptiveThrottle:
         self._requests = 0
         self._accepts = 0
 
-    # -- the seam the Policy engine calls ------------------------------------
-    def _admit(self, policy_name: str | None) -> _Bucket:
-        """Count a request; raise :class:`Throttled` if it is rejected locally."""
+    # -- the gate protocol -------------------------------------------------------
+    def admit(
+        self,
+        policy_name: str | None,
+        key: str | None = None,
+        fn: Callable[..., Any] | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> _Bucket:
+        """Count a request; raise :class:`Throttled` if it is rejected locally.
+
+        Every permit must be handed back to :meth:`record` exactly once.
+
+        .. versionadded:: 0.1.0
+        """
         with self._lock:
             bucket = self._advance(_clock.now())
             probability = self._probability()
@@ -161,9 +191,14 @@ class AdaptiveThrottle:
             )
         return bucket
 
-    def _record(self, permit: _Bucket, exc: BaseException | None, duration: float) -> None:
-        """Record how an admitted attempt ended (exactly once per :meth:`_admit`)."""
-        if exc is None or (isinstance(exc, Exception) and not isinstance(exc, self.on)):
+    def record(
+        self, permit: _Bucket, exc: BaseException | None, duration: float, result: Any = None
+    ) -> None:
+        """Record how an admitted attempt ended (exactly once per :meth:`admit`).
+
+        .. versionadded:: 0.1.0
+        """
+        if exc is None or (isinstance(exc, Exception) and not isinstance(exc, self._on)):
             with self._lock:
                 # Only count the accept while its request is still in the window,
                 # so accepts never outnumber requests.
@@ -200,9 +235,9 @@ class AdaptiveThrottle:
 
     def _probability(self) -> float:
         requests = self._requests
-        if requests < self.min_requests:
+        if requests < self._min_requests:
             return 0.0
-        p = (requests - self.k * self._accepts) / (requests + 1)
+        p = (requests - self._k * self._accepts) / (requests + 1)
         return p if p > 0.0 else 0.0
 
     # -- introspection -------------------------------------------------------
@@ -237,8 +272,8 @@ class AdaptiveThrottle:
 
     def __repr__(self) -> str:
         requests, accepts, probability = self._snapshot()
-        name = f"{self.name!r}, " if self.name is not None else ""
+        name = f"{self._name!r}, " if self._name is not None else ""
         return (
-            f"AdaptiveThrottle({name}k={self.k}, window={self.window}, requests={requests}, "
+            f"AdaptiveThrottle({name}k={self._k}, window={self._window}, requests={requests}, "
             f"accepts={accepts}, rejection_probability={probability:.3f})"
         )

@@ -1,0 +1,760 @@
+"""Compose a policy into drivers: one description, four kinds of call.
+
+The canonical order lives in ``_order.ORDER``. For each row a policy
+configures, a *writer* below emits that layer's part of a driver around the
+layers inside it: a gate's admit/record, the retry loop, the deadline... The
+result is the source of one function per kind of call (function, coroutine,
+generator, async generator), compiled once and executed per policy with the
+policy's strategies as its globals.
+
+Why generate code? A call per layer would cost more than most strategies do
+(a Python frame is ~50 ns; a closed breaker's whole decision is less), and
+writing the composition out by hand for each kind is how the copies drifted
+apart before. So each layer is written once, here, with the few places where
+a kind differs made explicit: how it waits (``_clock.sleep`` or ``await``),
+how an attempt's timeout is enforced (a worker thread or cancellation), and,
+for streams, that gates record when the stream ends rather than when its first
+item arrives. The generated code contains only the layers a policy has, so a
+policy with a retry alone runs one frame around the call. (attrs and
+``dataclasses`` generate ``__init__`` for the same reason.)
+
+Generated sources depend only on a policy's *shape* (which layers, which
+kinds); values such as the name and the timeout are globals of the executed
+code. Compiled code is cached by source text and registered with
+:mod:`linecache`, so tracebacks show the driver's lines, and
+:func:`source_for` shows the driver of any policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import linecache
+import threading
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace as _otel_trace
+from opentelemetry.metrics import _internal as _otel_metrics
+
+from . import _clock, _telemetry
+from ._context import _deadline
+from ._errors import Rejected, TimeoutExceeded
+from ._observe import Observation, log_retry
+from ._order import ORDER, Role
+from ._retry import Flow, Retry, RetryCall, arun_flow, run_flow
+from ._timeout import Expiry, expired, grain_for, run_in_worker, settle, wheel_for
+
+if TYPE_CHECKING:
+    from ._policy import Policy, Runner
+    from ._stats import Counters
+
+__all__ = ["Kind", "compile_driver", "kind_of", "source_for"]
+
+
+class Kind(enum.Enum):
+    """The four kinds of protected call."""
+
+    FUNCTION = "function"
+    COROUTINE = "coroutine"
+    GENERATOR = "generator"
+    ASYNC_GENERATOR = "async generator"
+
+    @property
+    def is_async(self) -> bool:
+        return self is Kind.COROUTINE or self is Kind.ASYNC_GENERATOR
+
+    @property
+    def is_stream(self) -> bool:
+        return self is Kind.GENERATOR or self is Kind.ASYNC_GENERATOR
+
+
+_CO_COROUTINE = inspect.CO_COROUTINE
+_CO_GENERATOR = inspect.CO_GENERATOR
+_CO_ASYNC_GENERATOR = inspect.CO_ASYNC_GENERATOR
+
+
+def kind_of(fn: Callable[..., Any]) -> Kind:
+    """The kind of call ``fn`` makes: cheap for plain functions and methods."""
+    if type(fn) is types.FunctionType or type(fn) is types.MethodType:
+        flags = fn.__code__.co_flags
+        if flags & _CO_ASYNC_GENERATOR:
+            return Kind.ASYNC_GENERATOR
+        if flags & _CO_COROUTINE:
+            return Kind.COROUTINE
+        if flags & _CO_GENERATOR:
+            return Kind.GENERATOR
+        if not inspect.iscoroutinefunction(fn):  # 3.12+'s markcoroutinefunction
+            return Kind.FUNCTION
+        return Kind.COROUTINE
+    # Partials, callable objects, builtins: inspect unwraps them.
+    if inspect.isasyncgenfunction(fn):
+        return Kind.ASYNC_GENERATOR
+    if inspect.isgeneratorfunction(fn):
+        return Kind.GENERATOR
+    if inspect.iscoroutinefunction(fn):
+        return Kind.COROUTINE
+    # A callable object whose __call__ is ``async def``.
+    call = type(fn).__dict__.get("__call__") if not isinstance(fn, type) else None
+    if call is not None and inspect.iscoroutinefunction(call):
+        return Kind.COROUTINE
+    return Kind.FUNCTION
+
+
+# -- what a driver is built from ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Layer:
+    writer: Callable[[_Writer, _Layer, Callable[[], None]], None]
+    value: Any
+    index: int = -1  # among the gates, for unique names
+
+
+class _Writer:
+    """The source of one driver being written, and the values it refers to."""
+
+    def __init__(self, kind: Kind, observe: str) -> None:
+        self.kind = kind
+        # "none": no observation in this driver; "always": ``obs`` is set;
+        # "maybe": ``obs`` may be None (generators decide per call).
+        self.observe = observe
+        self.lines: list[str] = []
+        self.depth = 0
+        # A stream's gates hold their permits until it ends: (index, duration).
+        self.held: list[tuple[int, str]] = []
+
+    def __call__(self, *lines: str) -> None:
+        pad = "    " * self.depth
+        self.lines.extend(pad + line for line in lines)
+
+    @contextmanager
+    def block(self, header: str) -> Iterator[None]:
+        self(header)
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+    def obs(self, line: str) -> None:
+        """A line that reports to the observation, when this driver has one."""
+        if self.observe == "always":
+            self(line)
+        elif self.observe == "maybe":
+            self(f"if obs is not None: {line}")
+
+    @property
+    def obs_ref(self) -> str:
+        return "None" if self.observe == "none" else "obs"
+
+    def await_(self) -> str:
+        return "await " if self.kind.is_async else ""
+
+
+_Inner = Callable[[], None]
+
+
+# -- the layers: one writer per role ---------------------------------------------------
+
+
+def _fallback(w: _Writer, layer: _Layer, inner: _Inner) -> None:
+    with w.block("try:"):
+        inner()
+    with w.block("except Exception as exc:"):
+        w("if not FB_PREDICATE(exc):", "    raise")
+        w.obs("obs.fell_back(exc)")
+        w("_counters.fell_back(exc)")
+        if w.kind is Kind.FUNCTION:
+            w("result = FB(exc)", "if _isawaitable(result):")
+            w("    _awaitable_fallback(result, exc, NAME)")
+        elif w.kind is Kind.COROUTINE:
+            w("result = FB(exc)", "if _isawaitable(result):", "    result = await result")
+        else:
+            # Streams yield the replacement after this block, outside our context.
+            w("replacement = FB(exc)")
+
+
+def _gate(w: _Writer, layer: _Layer, inner: _Inner) -> None:
+    gate = layer.value
+    i = layer.index
+    if w.kind.is_async and gate.waits:
+        # A free permit is taken without creating a coroutine; only queueing awaits.
+        w(f"p{i} = g{i}_try(NAME, None, fn, args, kwargs)")
+        w(f"if p{i} is None:", f"    p{i} = await g{i}_admit_async(NAME, None, fn, args, kwargs)")
+    else:
+        w(f"p{i} = g{i}_admit(NAME, None, fn, args, kwargs)")
+    duration = "0.0"
+    if gate.timed:
+        w(f"t{i} = _clock.now()")
+        duration = f"_clock.now() - t{i}"
+    with w.block("try:"):
+        inner()
+    with w.block("except BaseException as exc:"):
+        w(f"g{i}_record(p{i}, exc, {duration})")
+        if w.kind.is_stream:
+            w(f"p{i} = _NOT_HELD")
+        w("raise")
+    if w.kind.is_stream:
+        # The permit lives as long as the stream: the driver records it when the
+        # stream ends, however it ends (see _stream_driver).
+        w.held.append((i, duration))
+    else:
+        w(f"g{i}_record(p{i}, None, {duration}, result)")
+
+
+def _deadline_layer(w: _Writer, layer: _Layer, inner: _Inner) -> None:
+    w(
+        "D = _clock.now() + DEADLINE",
+        "outer = _deadline.get()",
+        "if outer is not None and outer < D:",
+        "    D = outer",
+        "dtoken = _deadline.set(D)",
+    )
+    if not w.kind.is_async:
+        # Cooperative: attempts, nested timeouts and remaining_deadline() honour it.
+        with w.block("try:"):
+            inner()
+        with w.block("finally:"):
+            w("_deadline.reset(dtoken)")
+        return
+    # Enforced by cancelling the task when the deadline's wheel bucket fires.
+    w(
+        "task = _current_task()",
+        "own = _Expiry(task)",
+        "own_bucket = _wheel_for(task.get_loop()).arm(own, D, DEADLINE_GRAIN)",
+    )
+    with w.block("try:"):
+        inner()
+    with w.block("except _CancelledError:"):
+        w("if _expired(own):", "    raise TIMED_OUT('deadline') from None", "raise")
+    with w.block("except BaseException:"):
+        w("if own.fired:", "    await _settle(own)", "raise")
+    with w.block("finally:"):
+        w("own_bucket.discard(own)", "_deadline.reset(dtoken)")
+    w("if own.fired:", "    await _settle(own)")
+
+
+def _sleep(w: _Writer) -> None:
+    if w.kind.is_async:
+        w("await _clock.asleep(delay)")
+    else:
+        w("if delay > 0:", "    _clock.sleep(delay)")
+
+
+def _retry(w: _Writer, layer: _Layer, inner: _Inner) -> None:
+    retry: Retry = layer.value
+    if retry.budget is not None:
+        w("BUDGET_DEPOSIT()")
+    w("began = _clock.now()" if retry._timed else "began = 0.0", "rcall = None")
+    run = "await _arun_flow" if w.kind.is_async and retry._is_async else "_run_flow"
+    with w.block("while True:"):
+        with w.block("try:"):
+            inner()
+        with w.block("except Exception as exc:"):
+            w("if rcall is None:", "    rcall = _RetryCall(RETRY, NAME, began)")
+            w(f"delay = {run}(_decide(rcall, exc, None, {w.obs_ref}))")
+            w("if delay is None:", "    raise")
+            _sleep(w)
+            w("continue")
+        if retry._inspects_results:
+            # Only functions and coroutines get here (see _check).
+            w("if rcall is None:", "    rcall = _RetryCall(RETRY, NAME, began)")
+            w(f"delay = {run}(_decide(rcall, None, result, {w.obs_ref}))")
+            with w.block("if delay is not None:"):
+                _sleep(w)
+                w("continue")
+        w("break")
+
+
+def _attempt(w: _Writer, layer: _Layer, inner: _Inner) -> None:
+    w(
+        "DL = _deadline.get()",
+        "if DL is not None and _clock.now() >= DL:",
+        "    raise TIMED_OUT('deadline')",
+    )
+    w.obs("obs.attempts += 1")
+    w("_counters.attempts += 1")
+    inner()
+
+
+def _bounded(w: _Writer, timeout: bool, cap: str | None, inner: _Inner, *, check: bool) -> None:
+    """Await ``inner`` cancelled at ``now + TIMEOUT`` or ``cap``, whichever is first.
+
+    While it runs, ``remaining_deadline()`` reports that bound. With ``check``,
+    a bound already reached raises before anything is awaited.
+    """
+    if timeout:
+        w("when = _clock.now() + TIMEOUT", "kind = 'attempt'", "grain = TIMEOUT_GRAIN")
+        if cap is not None:
+            w(
+                f"if {cap} is not None and {cap} < when:",
+                f"    when = {cap}",
+                "    kind = 'deadline'",
+            )
+    else:
+        assert cap is not None
+        w(f"when = {cap}", "kind = 'deadline'", "grain = DEADLINE_GRAIN")
+    if check:
+        w("if when <= _clock.now():", "    raise TIMED_OUT(kind)")
+    w(
+        "task = _current_task()",
+        "expiry = _Expiry(task)",
+        "bucket = _wheel_for(task.get_loop()).arm(expiry, when, grain)",
+        "ttoken = _deadline.set(when)",
+    )
+    with w.block("try:"):
+        inner()
+    with w.block("except _CancelledError:"):
+        w("if _expired(expiry):", "    raise TIMED_OUT(kind) from None", "raise")
+    with w.block("except BaseException:"):
+        w("if expiry.fired:", "    await _settle(expiry)", "raise")
+    with w.block("finally:"):
+        w("bucket.discard(expiry)", "_deadline.reset(ttoken)")
+    w("if expiry.fired:", "    await _settle(expiry)")
+
+
+def _timeout(w: _Writer, layer: _Layer, inner: _Inner) -> None:
+    if w.kind is Kind.FUNCTION:
+        # A thread cannot be interrupted: the attempt runs in a worker and the
+        # caller stops waiting for it on time. The worker makes the call.
+        w("when = _clock.now() + TIMEOUT", "kind = 'attempt'")
+        w("if DL is not None and DL < when:", "    when = DL", "    kind = 'deadline'")
+        w("result = _run_in_worker(fn, args, kwargs, when, NAME, TIMED_OUT, kind)")
+        return
+    assert w.kind.is_async, "timeout= on a sync generator is refused before compiling"
+    _bounded(w, True, "DL", inner, check=False)
+
+
+def _call(w: _Writer) -> None:
+    """The innermost layer: the call itself (a stream's first step)."""
+    kind = w.kind
+    if kind is Kind.FUNCTION:
+        w("result = fn(*args, **kwargs)")
+    elif kind is Kind.COROUTINE:
+        w("result = await fn(*args, **kwargs)")
+    elif kind is Kind.GENERATOR:
+        w("it = fn(*args, **kwargs)")
+        w("try:", "    result = next(it)", "except StopIteration as stop:")
+        w("    it = None", "    result = stop.value")
+    else:
+        w("it = fn(*args, **kwargs)")
+        w("try:", "    result = await it.__anext__()", "except StopAsyncIteration:")
+        w("    it = None", "    result = None")
+
+
+def _stream_scope(w: _Writer, layer: _Layer, inner: _Inner) -> None:
+    """Inside a stream's fallback: the span and correlation ID, for one step only."""
+    w("tokens = obs.enter() if obs is not None else None")
+    with w.block("try:"):
+        inner()
+    with w.block("finally:"):
+        w("if tokens is not None:", "    obs.leave(tokens)")
+
+
+_WRITERS: dict[Role, Callable[[_Writer, _Layer, _Inner], None]] = {
+    Role.FALLBACK: _fallback,
+    Role.GATE: _gate,
+    Role.DEADLINE: _deadline_layer,
+    Role.RETRY: _retry,
+    Role.ATTEMPT: _attempt,
+    Role.TIMEOUT: _timeout,
+}
+
+
+def _compose(w: _Writer, layers: list[_Layer]) -> None:
+    """Write ``layers``, outermost first, around the call."""
+
+    def write(position: int) -> None:
+        if position == len(layers):
+            _call(w)
+            return
+        layer = layers[position]
+        layer.writer(w, layer, lambda: write(position + 1))
+
+    write(0)
+
+
+# -- the drivers of each kind -------------------------------------------------------------
+
+
+def _layers_of(policy: Policy, kind: Kind) -> list[_Layer]:
+    """The layers ``policy`` configures, in the canonical order."""
+    layers: list[_Layer] = []
+    gates = 0
+    for row in ORDER:
+        value = None if row.keyword is None else getattr(policy, row.keyword)
+        if row.keyword is not None and value is None:
+            continue
+        if row.role is Role.GATE:
+            layers.append(_Layer(_gate, value, gates))
+            gates += 1
+        else:
+            layers.append(_Layer(_WRITERS[row.role], value))
+    if kind.is_stream:
+        # A stream's context is set for one step at a time, just inside its fallback.
+        at = 1 if layers[0].writer is _fallback else 0
+        layers.insert(at, _Layer(_stream_scope, None))
+    return layers
+
+
+_QUIET = (
+    "_TRACE._TRACER_PROVIDER is None and _METER._METER_PROVIDER is None "
+    "and _tel._tp_override is None and _tel._mp_override is None"
+)
+
+
+def _rejections(layers: list[_Layer]) -> list[type[Rejected]]:
+    """The rejection classes the policy's own gates raise, without duplicates."""
+    classes: list[type[Rejected]] = []
+    for layer in layers:
+        if layer.writer is _gate and layer.value.rejection not in classes:
+            classes.append(layer.value.rejection)
+    return classes
+
+
+def _call_driver(kind: Kind, layers: list[_Layer]) -> list[str]:
+    """``make(fn)`` (the decorator's wrapper), ``run`` (for policy.call) and ``observed``."""
+    plain = _Writer(kind, "none")
+    plain.depth = 2
+    _compose(plain, layers)
+    seen = _Writer(kind, "always")
+    seen.depth = 2
+    _compose(seen, layers)
+    d = "async def" if kind.is_async else "def"
+    aw = "await " if kind.is_async else ""
+    # Rejections are counted inline, with a clause per class the policy's gates
+    # raise: binding the exception to look at it costs a fifth of an open
+    # breaker's whole rejection.
+    own = [
+        line
+        for i, _ in enumerate(_rejections(layers))
+        for line in (f"    except REJECTION_{i}:", f"        TALLY_{i}.n += 1", "        raise")
+    ]
+    plain_body = [
+        "    _counters.calls += 1",
+        "    try:",
+        *plain.lines,
+        *own,
+        "    except _Rejected as exc:",
+        "        _rejected[exc.rejected_by].n += 1",
+        "        raise",
+        "    except Exception:",
+        "        _counters.failures += 1",
+        "        raise",
+        "    return result",
+    ]
+    return [
+        f"{d} observed(fn, args, kwargs, sink):",
+        "    _counters.calls += 1",
+        "    obs = _Observation(sink, RUNNER)",
+        "    try:",
+        *seen.lines,
+        "    except BaseException as exc:",
+        "        _counters.ended(exc)",
+        "        obs.finish(exc)",
+        "        raise",
+        "    obs.finish(None)",
+        "    return result",
+        "",
+        f"{d} run(fn, args, kwargs):",
+        f"    if not ({_QUIET}):",
+        "        sink = _sink()",
+        "        if sink is not None:",
+        f"            return {aw}observed(fn, args, kwargs, sink)",
+        *plain_body,
+        "",
+        "def make(fn):",
+        f"    {d} wrapper(*args, **kwargs):",
+        # "Nothing records", tested inline: calling _telemetry.sink() costs more
+        # than the test, and decorated functions are where the hot paths live.
+        f"        if not ({_QUIET}):",
+        "            sink = _sink()",
+        "            if sink is not None:",
+        f"                return {aw}observed(fn, args, kwargs, sink)",
+        *("    " + line for line in plain_body),
+        "    return wrapper",
+    ]
+
+
+def _stream_driver(kind: Kind, layers: list[_Layer], policy: Policy) -> list[str]:
+    """``make(fn)`` for a generator function: a generator that protects ``fn``'s."""
+    start = _Writer(kind, "maybe")
+    start.depth = 3
+    has_fallback = policy.fallback is not None
+    if policy.deadline is None:
+        start("D = _deadline.get()")
+    if has_fallback:
+        start("replacement = _NO_FALLBACK")
+    _compose(start, layers)
+    w = start
+    is_async = kind.is_async
+    if has_fallback:
+        with w.block("if replacement is not _NO_FALLBACK:"):
+            if is_async:
+                w("if _isawaitable(replacement):", "    replacement = await replacement")
+                with w.block("if replacement is not None:"):
+                    with w.block("if hasattr(replacement, '__aiter__'):"):
+                        w("async for value in replacement:", "    yield value")
+                    with w.block("else:"):
+                        w("for value in replacement:", "    yield value")
+                w("return")
+            else:
+                w("if replacement is None:", "    replacement = ()")
+                w("return (yield from replacement)")
+    # The stream: forward each item, and send/throw/close back, one step at a
+    # time with our context set only while a step runs.
+    with w.block("if it is not None:"):
+        w("thrown = None")
+        with w.block("while True:"):
+            with w.block("try:"):
+                w("sent = yield result")
+            with w.block("except GeneratorExit:"):
+                w("await it.aclose()" if is_async else "it.close()", "raise")
+            with w.block("except BaseException as error:"):
+                w("thrown = error")
+            with w.block("else:"):
+                w("thrown = None")
+            w("tokens = obs.enter() if obs is not None else None")
+            w("stoken = _deadline.set(D) if D is not None else None")
+            with w.block("try:"):
+                own_bound = policy.timeout is not None or policy.deadline is not None
+                if not (is_async and own_bound):
+                    # Cooperative, as attempts are: no step starts past the deadline.
+                    w("if D is not None and _clock.now() >= D:", "    raise TIMED_OUT('deadline')")
+                if is_async:
+                    advance = "aw = it.asend(sent) if thrown is None else it.athrow(thrown)"
+                    with w.block("try:"):
+                        if own_bound:
+                            # Each step is bounded by the attempt timeout and this
+                            # policy's own deadline, as an attempt is.
+                            _bounded(
+                                w,
+                                policy.timeout is not None,
+                                "D",
+                                lambda: w(advance, "result = await aw"),
+                                check=True,
+                            )
+                        else:
+                            w(advance, "result = await aw")
+                    with w.block("except StopAsyncIteration:"):
+                        w("result = None", "break")
+                else:
+                    with w.block("try:"):
+                        w("result = it.send(sent) if thrown is None else it.throw(thrown)")
+                    with w.block("except StopIteration as stop:"):
+                        w("result = stop.value", "break")
+            with w.block("finally:"):
+                w("if stoken is not None:", "    _deadline.reset(stoken)")
+                w("if tokens is not None:", "    obs.leave(tokens)")
+    if not is_async:
+        w("return result")
+    d = "async def" if is_async else "def"
+    release = [
+        line
+        for i, duration in reversed(w.held)
+        for line in (
+            f"            if p{i} is not _NOT_HELD:",
+            f"                g{i}_record(p{i}, call_exc, {duration})",
+        )
+    ]
+    return [
+        "def make(fn):",
+        f"    {d} wrapper(*args, **kwargs):",
+        "        _counters.calls += 1",
+        "        sink = _sink()",
+        "        obs = _Observation(sink, RUNNER, False) if sink is not None else None",
+        "        call_exc = None",
+        *(f"        p{i} = _NOT_HELD" for i, _ in w.held),
+        "        try:",
+        *w.lines,
+        "        except BaseException as exc:",
+        "            call_exc = exc",
+        "            _counters.ended(exc)",
+        "            raise",
+        "        finally:",
+        # Permits still held (the stream started) are recorded with how it ended.
+        *release,
+        "            if obs is not None:",
+        "                obs.finish(call_exc)",
+        "    return wrapper",
+    ]
+
+
+def _check(policy: Policy, kind: Kind) -> None:
+    """Refuse, before compiling, what a kind cannot honour."""
+    retry = policy.retry
+    if not kind.is_async and retry is not None and retry._is_async:
+        raise TypeError(
+            f"policy {policy.name!r}: its Retry has async strategies or hooks (tenacity.asyncio, "
+            f"async def predicates), which need an async function; this is a {kind.value}"
+        )
+    if kind is Kind.GENERATOR and policy.timeout is not None:
+        raise TypeError(
+            "timeout= cannot be enforced on a sync generator (its steps run in the "
+            "caller's thread); use deadline= or make it an async generator"
+        )
+    if kind.is_stream:
+        if retry is not None and retry._inspects_results:
+            raise TypeError(
+                f"policy {policy.name!r}: Retry(on_result=...) and tenacity strategies that judge "
+                f"results need a function's result; a {kind.value} yields a stream"
+            )
+        breaker = policy.breaker
+        if breaker is not None and breaker.on_result is not None:
+            raise TypeError(
+                f"policy {policy.name!r}: CircuitBreaker(on_result=...) needs a function's "
+                f"result; a {kind.value} yields a stream"
+            )
+
+
+_code_lock = threading.Lock()
+_codes: dict[str, types.CodeType] = {}
+
+
+def _source(policy: Policy, kind: Kind) -> str:
+    layers = _layers_of(policy, kind)
+    lines = _stream_driver(kind, layers, policy) if kind.is_stream else _call_driver(kind, layers)
+    return "\n".join(lines) + "\n"
+
+
+def source_for(policy: Policy, kind: Kind = Kind.FUNCTION) -> str:
+    """The source of the driver ``policy`` runs for ``kind`` (for contributors)."""
+    _check(policy, kind)
+    return _source(policy, kind)
+
+
+def _code(source: str) -> types.CodeType:
+    with _code_lock:
+        code = _codes.get(source)
+        if code is None:
+            filename = f"<reskit driver {len(_codes) + 1}>"
+            code = compile(source, filename, "exec")
+            # Tracebacks through a driver show its lines, as for any module.
+            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+            _codes[source] = code
+    return code
+
+
+def _timed_out(name: str, timeout: float | None, deadline: float | None) -> Any:
+    def timed_out(kind: str = "deadline") -> TimeoutExceeded:
+        """``timeout`` is the limit that fired: the attempt timeout, or this policy's
+        deadline (``None`` when the deadline was inherited from an outer policy)."""
+        if kind == "attempt":
+            return TimeoutExceeded(
+                f"policy {name!r}: attempt timed out after {timeout}s",
+                policy=name,
+                timeout=timeout,
+                kind=kind,
+            )
+        return TimeoutExceeded(
+            f"policy {name!r}: deadline exceeded", policy=name, timeout=deadline, kind=kind
+        )
+
+    return timed_out
+
+
+def _decider(name: str, counters: Counters) -> Callable[..., Flow[float | None]]:
+    def decide(
+        rcall: RetryCall, exc: BaseException | None, result: Any, obs: Observation | None
+    ) -> Flow[float | None]:
+        delay = yield from rcall.decide(exc, result, _deadline.get())
+        if delay is None:
+            if exc is None and rcall.asked:
+                counters.failures += 1
+                if obs is not None:
+                    obs.result_failed = True
+            return None
+        counters.retries += 1
+        if obs is not None:
+            obs.retry(rcall.attempt, delay, exc, result)
+        log_retry(name, rcall.attempt, delay, exc, result)
+        return delay
+
+    return decide
+
+
+def _awaitable_fallback(value: Any, exc: BaseException, name: str) -> None:
+    if inspect.iscoroutine(value):
+        value.close()
+    raise TypeError(
+        f"policy {name!r}: the fallback returned an awaitable for a sync call; "
+        "use a plain function as the fallback of sync functions"
+    ) from exc
+
+
+_NO_FALLBACK: Any = object()
+_NOT_HELD: Any = object()
+
+_HELPERS: dict[str, Any] = {
+    "_clock": _clock,
+    "_deadline": _deadline,
+    "_run_in_worker": run_in_worker,
+    "_Expiry": Expiry,
+    "_wheel_for": wheel_for,
+    "_expired": expired,
+    "_settle": settle,
+    "_current_task": asyncio.current_task,
+    "_CancelledError": asyncio.CancelledError,
+    "_isawaitable": inspect.isawaitable,
+    "_run_flow": run_flow,
+    "_arun_flow": arun_flow,
+    "_RetryCall": RetryCall,
+    "_Observation": Observation,
+    "_sink": _telemetry.sink,
+    "_TRACE": _otel_trace,
+    "_METER": _otel_metrics,
+    "_tel": _telemetry,
+    "_NO_FALLBACK": _NO_FALLBACK,
+    "_NOT_HELD": _NOT_HELD,
+    "_Rejected": Rejected,
+    "_awaitable_fallback": _awaitable_fallback,
+}
+
+
+def compile_driver(runner: Runner, policy: Policy, kind: Kind) -> dict[str, Any]:
+    """Compile ``policy`` for ``kind``; returns the namespace holding ``make`` (and ``run``)."""
+    _check(policy, kind)
+    code = _code(_source(policy, kind))
+    name = runner.name
+    namespace: dict[str, Any] = dict(_HELPERS)
+    namespace.update(
+        NAME=name,
+        RUNNER=runner,
+        _counters=runner.counters,
+        _rejected=runner.counters.rejected,
+        TIMED_OUT=_timed_out(name, policy.timeout, policy.deadline),
+        _decide=_decider(name, runner.counters),
+    )
+    if policy.timeout is not None:
+        namespace["TIMEOUT"] = policy.timeout
+        namespace["TIMEOUT_GRAIN"] = grain_for(policy.timeout)
+    if policy.deadline is not None:
+        namespace["DEADLINE"] = policy.deadline
+        namespace["DEADLINE_GRAIN"] = grain_for(policy.deadline)
+    if policy.fallback is not None:
+        namespace["FB"] = policy.fallback.fn
+        namespace["FB_PREDICATE"] = policy.fallback._predicate
+    if policy.retry is not None:
+        namespace["RETRY"] = policy.retry
+        if policy.retry.budget is not None:
+            namespace["BUDGET_DEPOSIT"] = policy.retry.budget._deposit
+    layers = _layers_of(policy, kind)
+    for i, rejection in enumerate(_rejections(layers)):
+        namespace[f"REJECTION_{i}"] = rejection
+        namespace[f"TALLY_{i}"] = runner.counters.rejected[rejection.rejected_by]
+    for layer in layers:
+        if layer.writer is _gate:
+            gate = layer.value
+            i = layer.index
+            namespace[f"g{i}_admit"] = gate.admit
+            namespace[f"g{i}_record"] = gate.record
+            if gate.waits:
+                namespace[f"g{i}_try"] = gate.try_admit
+                namespace[f"g{i}_admit_async"] = gate.admit_async
+    exec(code, namespace)
+    return namespace
