@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 import reskit
-from reskit import _demo
+from reskit.cli import _demo
 from reskit.cli import main
 
 OUTCOMES = ("success", "fallback", "rejected", "failure")

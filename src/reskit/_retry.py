@@ -356,9 +356,9 @@ class Retry(Frozen):
     """
 
     __slots__ = (
+        "_attempts_given",
         "_inspects_results",
         "_is_async",
-        "_limit",
         "_predicate",
         "_random",
         "_tenacity_retry",
@@ -392,7 +392,7 @@ class Retry(Frozen):
     budget: RetryBudget | None
     on_retry: Callable[[RetryDetails], Any] | None
     random: _random_module.Random | None
-    _limit: int | None
+    _attempts_given: int | None
     _predicate: Callable[[Exception], bool] | None
     _random: _random_module.Random
     _tenacity_retry: Any
@@ -482,8 +482,10 @@ class Retry(Frozen):
             if part is not None
         )
 
+        limit = attempts if attempts is not None or stop is not None else DEFAULT_ATTEMPTS
         init = object.__setattr__
-        init(self, "attempts", attempts)
+        init(self, "attempts", limit)
+        init(self, "_attempts_given", attempts)
         init(self, "on", on)
         init(self, "on_result", on_result)
         init(self, "wait", wait)
@@ -494,8 +496,6 @@ class Retry(Frozen):
         init(self, "budget", budget)
         init(self, "on_retry", on_retry)
         init(self, "random", random)
-        limit = attempts if attempts is not None or stop is not None else DEFAULT_ATTEMPTS
-        init(self, "_limit", limit)
         init(self, "_predicate", _as_predicate(on) if on is not None else None)
         init(self, "_tenacity_retry", retry)
         init(self, "_tenacity_stop", stop)
@@ -526,6 +526,8 @@ class Retry(Frozen):
         .. versionadded:: 0.1.0
         """
         fields = {name: getattr(self, name) for name in _RETRY_FIELDS}
+        # A default attempt count must stay a default: with a new stop= it gives way.
+        fields["attempts"] = self._attempts_given
         unknown = set(changes) - set(fields)
         if unknown:
             raise TypeError(
@@ -674,7 +676,7 @@ class RetryCall:
             return None
         self.asked = True
 
-        limit = retry._limit
+        limit = retry.attempts
         if testing:
             cap = CONFIG.testing_attempts
             limit = min(limit, cap) if CONFIG.testing_cap and limit is not None else cap

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from ._errors import ReskitError
+from .._errors import ReskitError
 
 __all__ = ["CommandError", "build_parser", "main"]
 
@@ -122,10 +122,10 @@ def _add_demo(commands: argparse._SubParsersAction[_Parser]) -> None:
         action="store_true",
         help="print only the final table",
     )
-    parser.set_defaults(handler=_demo)
+    parser.set_defaults(handler=_demo_command)
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo_command(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
     return run_demo(
@@ -181,7 +181,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""``python -m reskit``: the ``reskit`` command."""
+
+from .cli import main
+
+raise SystemExit(main())
