@@ -13,8 +13,7 @@ import pytest
 import structlog
 
 import reskit
-from reskit.cli import _demo
-from reskit.cli import main
+from reskit.cli import _demo, main
 
 OUTCOMES = ("success", "fallback", "rejected", "failure")
 BASE_SCENES = ["payments", "inventory", "ledger"]

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from .._errors import ReskitError
+from reskit._errors import ReskitError
 
 __all__ = ["CommandError", "build_parser", "main"]
 
