@@ -184,8 +184,13 @@ def _gate(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     i = layer.index
     if w.kind.is_async and gate.waits:
         # A free permit is taken without creating a coroutine; only queueing awaits.
-        w(f"p{i} = g{i}_try(NAME, None, fn, args, kwargs)")
-        w(f"if p{i} is None:", f"    p{i} = await g{i}_admit_async(NAME, None, fn, args, kwargs)")
+        # (Into a temporary: a stream's p{i} must stay "not held" if queueing fails.)
+        w(f"permit = g{i}_try(NAME, None, fn, args, kwargs)")
+        w(
+            "if permit is None:",
+            f"    permit = await g{i}_admit_async(NAME, None, fn, args, kwargs)",
+        )
+        w(f"p{i} = permit")
     else:
         w(f"p{i} = g{i}_admit(NAME, None, fn, args, kwargs)")
     duration = "0.0"

@@ -1,0 +1,194 @@
+"""``policy.admit()``: the outer gates around a block of code, without a function."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from reskit import AIMDLimit, Bulkhead, BulkheadFull, CircuitBreaker, Policy, Retry
+from reskit.testing import FakeClock
+
+
+def test_admit_holds_a_bulkhead_slot_for_the_block() -> None:
+    bulkhead = Bulkhead(2)
+    policy = Policy("edge", bulkhead=bulkhead)
+    with policy.admit() as admission:
+        assert bulkhead.in_flight == 1
+        assert admission is not None
+    assert bulkhead.in_flight == 0
+    assert policy.statistics.calls == 1
+
+
+def test_admit_raises_the_usual_rejection() -> None:
+    bulkhead = Bulkhead(1)
+    policy = Policy("edge", bulkhead=bulkhead)
+    with policy.admit(), pytest.raises(BulkheadFull), policy.admit():
+        pytest.fail("a full bulkhead admitted a second block")
+    assert bulkhead.in_flight == 0
+    assert policy.statistics.rejections == {"bulkhead": 1}
+
+
+def test_admit_releases_when_the_block_raises() -> None:
+    bulkhead = Bulkhead(1)
+    policy = Policy("edge", bulkhead=bulkhead)
+    with pytest.raises(KeyError), policy.admit():
+        raise KeyError("body")
+    assert bulkhead.in_flight == 0
+    assert policy.statistics.failures == 1
+
+
+async def test_async_admit_releases_when_the_block_is_cancelled() -> None:
+    bulkhead = Bulkhead(1)
+    policy = Policy("edge", bulkhead=bulkhead)
+    entered = asyncio.Event()
+
+    async def block() -> None:
+        async with policy.admit():
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(block())
+    await entered.wait()
+    assert bulkhead.in_flight == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert bulkhead.in_flight == 0
+    assert policy.statistics.failures == 0  # a cancellation is not a failure
+
+
+async def test_async_admit_cancelled_while_queued_leaves_nothing_behind(
+    clock: FakeClock,
+) -> None:
+    bulkhead = Bulkhead(1, max_waiting=5)
+    policy = Policy("edge", bulkhead=bulkhead)
+    held = bulkhead.admit("other")
+
+    async def queued() -> None:
+        async with policy.admit():
+            pass
+
+    task = asyncio.create_task(queued())
+    await asyncio.sleep(0)
+    assert bulkhead.waiting == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (bulkhead.waiting, bulkhead.in_flight) == (0, 1)
+    bulkhead.record(held, None, 0.0)
+    assert bulkhead.in_flight == 0
+
+
+def test_admit_partitions_by_key() -> None:
+    bulkhead = Bulkhead(1, max_partitions=8)
+    policy = Policy("edge", bulkhead=bulkhead)
+    with policy.admit(key="tenant-a"), policy.admit(key="tenant-b"):
+        assert bulkhead.partitions == 2
+        with pytest.raises(BulkheadFull), policy.admit(key="tenant-a"):
+            pass
+    assert bulkhead.partitions == 0
+
+
+def test_admit_key_must_be_a_string() -> None:
+    with pytest.raises(TypeError, match="str or None"):
+        Policy("edge").admit(key=42)  # type: ignore[arg-type]
+
+
+def test_an_admission_is_used_once() -> None:
+    admission = Policy("edge", bulkhead=Bulkhead(1)).admit()
+    with admission:
+        pass
+    with pytest.raises(RuntimeError, match="used once"), admission:
+        pass
+
+
+def test_admit_applies_only_the_outer_gates() -> None:
+    breaker = CircuitBreaker(fail_max=1)
+    breaker.open()
+    policy = Policy("edge", breaker=breaker, retry=Retry(3, on=KeyError), timeout=1.0)
+    # The breaker guards attempts of a call; a block has none.
+    with policy.admit():
+        pass
+
+
+def test_admit_reports_the_blocks_outcome_and_duration_to_the_adaptive_limit(
+    clock: FakeClock,
+) -> None:
+    limit = AIMDLimit(initial=10, timeout=1.0)
+    bulkhead = Bulkhead(100, limit=limit)
+    policy = Policy("edge", bulkhead=bulkhead)
+    with policy.admit():
+        clock.advance(5.0)  # slower than the limit's timeout: a drop
+    assert bulkhead.limit == 9
+    with pytest.raises(TimeoutError), policy.admit():
+        raise TimeoutError
+    assert bulkhead.limit == 8
+
+
+def test_exact_counts_with_many_threads() -> None:
+    bulkhead = Bulkhead(5)
+    policy = Policy("edge", bulkhead=bulkhead)
+    start = threading.Barrier(40)
+    inside = threading.Semaphore(0)
+    release = threading.Event()
+    outcomes: list[str] = []
+    recorded = threading.Condition()
+
+    def worker() -> None:
+        start.wait()
+        try:
+            with policy.admit():
+                inside.release()
+                release.wait(10)
+                result = "admitted"
+        except BulkheadFull:
+            result = "rejected"
+        with recorded:
+            outcomes.append(result)
+            recorded.notify_all()
+
+    threads = [threading.Thread(target=worker) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for _ in range(5):
+        assert inside.acquire(timeout=10)
+    # Every thread either holds a slot or was rejected before we let them go.
+    with recorded:
+        assert recorded.wait_for(lambda: len(outcomes) == 35, timeout=10)
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count("admitted") == 5
+    assert outcomes.count("rejected") == 35
+    assert bulkhead.in_flight == 0
+    assert policy.statistics.rejections == {"bulkhead": 35}
+
+
+async def test_exact_counts_with_many_tasks_and_a_queue() -> None:
+    bulkhead = Bulkhead(3, max_waiting=7)
+    policy = Policy("edge", bulkhead=bulkhead)
+    release = asyncio.Event()
+    admitted: list[int] = []
+
+    async def worker(i: int) -> str:
+        try:
+            async with policy.admit():
+                admitted.append(i)
+                await release.wait()
+                return "admitted"
+        except BulkheadFull:
+            return "rejected"
+
+    tasks = [asyncio.create_task(worker(i)) for i in range(100)]
+    await asyncio.sleep(0)
+    assert (bulkhead.in_flight, bulkhead.waiting) == (3, 7)
+    release.set()
+    results: list[Any] = await asyncio.gather(*tasks)
+    assert results.count("admitted") == 10
+    assert results.count("rejected") == 90
+    # The queue is FIFO: the first three ran, then the seven that waited, in order.
+    assert admitted == list(range(10))
+    assert bulkhead.in_flight == 0
