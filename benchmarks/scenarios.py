@@ -369,6 +369,63 @@ def build_full_async() -> Setup:
     )
 
 
+# -- issue 6 -------------------------------------------------------------------------
+
+#: Items a benchmarked stream yields: a short stream, where per-call overhead shows.
+STREAM_ITEMS = 10
+
+
+def _full_policy(name: str, **extra: Any) -> reskit.Policy:
+    return reskit.Policy(
+        name,
+        deadline=5,
+        retry=_retry(),
+        breaker=_breaker_cls()(fail_max=5, reset_timeout=30),
+        bulkhead=_bulkhead_cls()(max_concurrent=10),
+        fallback=lambda exc: None,
+        **extra,
+    )
+
+
+def build_sync_generator() -> Setup:
+    def stream() -> Iterator[int]:
+        yield from range(STREAM_ITEMS)
+
+    protected = _full_policy("gen")(stream)
+
+    def bare() -> int:
+        for _ in stream():
+            pass
+        return 1
+
+    def ours() -> int:
+        for _ in protected():
+            pass
+        return 1
+
+    return Setup(reskit=Variant("reskit", ours), competitor=Variant("bare generator", bare))
+
+
+def build_async_generator() -> Setup:
+    async def stream() -> Any:
+        for i in range(STREAM_ITEMS):
+            yield i
+
+    protected = _full_policy("agen", timeout=1)(stream)
+
+    async def bare() -> int:
+        async for _ in stream():
+            pass
+        return 1
+
+    async def ours() -> int:
+        async for _ in protected():
+            pass
+        return 1
+
+    return Setup(reskit=Variant("reskit", ours), competitor=Variant("bare async generator", bare))
+
+
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "sync-retry",
@@ -451,5 +508,25 @@ SCENARIOS: tuple[Scenario, ...] = (
         0.25,
         "tenacity+aiobreaker+timeout+sem",
         build_full_async,
+    ),
+    Scenario(
+        "sync-generator",
+        f"a {STREAM_ITEMS}-item generator through Policy(deadline, retry, breaker, bulkhead, "
+        "fallback) vs the same generator bare",
+        6,
+        "sync",
+        10.0,
+        "bare generator",
+        build_sync_generator,
+    ),
+    Scenario(
+        "async-generator",
+        f"a {STREAM_ITEMS}-item async generator through Policy(timeout, deadline, retry, breaker, "
+        "bulkhead, fallback) vs the same async generator bare",
+        6,
+        "async",
+        15.0,
+        "bare async generator",
+        build_async_generator,
     ),
 )

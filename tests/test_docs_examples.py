@@ -32,8 +32,11 @@ SRC = ROOT / "src"
 SKIP_MARKER = "<!-- skip-example -->"
 # Pages that promise at least one runnable example.
 PAGES_WITH_EXAMPLES = (
+    "architecture.md",
+    "breaker.md",
     "errors.md",
     "fallback.md",
+    "migrating.md",
     "policy.md",
     "retries.md",
     "telemetry.md",

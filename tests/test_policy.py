@@ -198,8 +198,9 @@ def test_invalid_name(name: Any) -> None:
 
 def test_repr() -> None:
     policy = Policy("p", timeout=1.0, retry=Retry(attempts=2, on=ValueError))
+    # The strategies are listed in the canonical order, outermost first.
     assert repr(policy) == (
-        "Policy('p', timeout=1.0, retry=Retry(attempts=2, on=<class 'ValueError'>))"
+        "Policy('p', retry=Retry(attempts=2, on=<class 'ValueError'>), timeout=1.0)"
     )
 
 

@@ -261,14 +261,14 @@ def _retry(w: _Writer, layer: _Layer, inner: _Inner) -> None:
         with w.block("try:"):
             inner()
         with w.block("except Exception as exc:"):
-            w("if rcall is None:", "    rcall = _RetryCall(RETRY, NAME, began)")
+            w("if rcall is None:", "    rcall = _RetryCall(RETRY, NAME, began, fn, args, kwargs)")
             w(f"delay = {run}(_decide(rcall, exc, None, {w.obs_ref}))")
             w("if delay is None:", "    raise")
             _sleep(w)
             w("continue")
         if retry._inspects_results:
             # Only functions and coroutines get here (see _check).
-            w("if rcall is None:", "    rcall = _RetryCall(RETRY, NAME, began)")
+            w("if rcall is None:", "    rcall = _RetryCall(RETRY, NAME, began, fn, args, kwargs)")
             w(f"delay = {run}(_decide(rcall, None, result, {w.obs_ref}))")
             with w.block("if delay is not None:"):
                 _sleep(w)
@@ -293,8 +293,9 @@ def _bounded(w: _Writer, timeout: bool, cap: str | None, inner: _Inner, *, check
     While it runs, ``remaining_deadline()`` reports that bound. With ``check``,
     a bound already reached raises before anything is awaited.
     """
+    w("now = _clock.now()")
     if timeout:
-        w("when = _clock.now() + TIMEOUT", "kind = 'attempt'", "grain = TIMEOUT_GRAIN")
+        w("when = now + TIMEOUT", "kind = 'attempt'", "grain = TIMEOUT_GRAIN")
         if cap is not None:
             w(
                 f"if {cap} is not None and {cap} < when:",
@@ -305,7 +306,7 @@ def _bounded(w: _Writer, timeout: bool, cap: str | None, inner: _Inner, *, check
         assert cap is not None
         w(f"when = {cap}", "kind = 'deadline'", "grain = DEADLINE_GRAIN")
     if check:
-        w("if when <= _clock.now():", "    raise TIMED_OUT(kind)")
+        w("if when <= now:", "    raise TIMED_OUT(kind)")
     w(
         "task = _current_task()",
         "expiry = _Expiry(task)",
@@ -525,16 +526,18 @@ def _stream_driver(kind: Kind, layers: list[_Layer], policy: Policy) -> list[str
             with w.block("else:"):
                 w("thrown = None")
             w("tokens = obs.enter() if obs is not None else None")
-            w("stoken = _deadline.set(D) if D is not None else None")
+            own_bound = policy.timeout is not None or policy.deadline is not None
+            bounded = is_async and own_bound
+            # A bounded step sets the deadline to its bound, which is never later than D.
+            w("stoken = None" if bounded else "stoken = _deadline.set(D) if D is not None else None")
             with w.block("try:"):
-                own_bound = policy.timeout is not None or policy.deadline is not None
-                if not (is_async and own_bound):
+                if not bounded:
                     # Cooperative, as attempts are: no step starts past the deadline.
                     w("if D is not None and _clock.now() >= D:", "    raise TIMED_OUT('deadline')")
                 if is_async:
                     advance = "aw = it.asend(sent) if thrown is None else it.athrow(thrown)"
                     with w.block("try:"):
-                        if own_bound:
+                        if bounded:
                             # Each step is bounded by the attempt timeout and this
                             # policy's own deadline, as an attempt is.
                             _bounded(

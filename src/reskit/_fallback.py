@@ -20,7 +20,8 @@ class Fallback(Frozen):
     ``fn`` may be a coroutine function; its result is awaited. For generators
     the fallback's return value is an iterable whose items are yielded instead
     (``None`` yields nothing); it applies only while the generator has yielded
-    nothing.
+    nothing. A result that a retry's ``on_result`` still rejects after the last
+    attempt is returned as it is: the fallback answers exceptions only.
 
     Args:
         fn: the fallback, called with the exception.

@@ -21,15 +21,23 @@ configures its layer and the *role* that says how the engine composes it:
 ``timeout``
     bounds one attempt in time; it makes the call itself.
 
-Adding a strategy is a module that implements its role's protocol, a row here
-and a keyword on :class:`~reskit.Policy`; the drivers do not change.
-``docs/architecture.md`` walks through an example.
+A row also names the type its keyword accepts, so :class:`~reskit.Policy`
+validates, stores, copies (``replace``) and shows (``repr``) every strategy from
+this table. Adding a strategy is a module that implements its role's protocol,
+a row here and a keyword in ``Policy.__init__``'s signature; the drivers do not
+change. ``docs/architecture.md`` walks through an example.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+from ._breaker import CircuitBreaker
+from ._bulkhead import Bulkhead
+from ._fallback import Fallback
+from ._retry import Retry
+from ._throttle import AdaptiveThrottle
 
 __all__ = ["ORDER", "Role", "Row", "outer_gates"]
 
@@ -50,23 +58,25 @@ class Row:
     """One layer of the canonical order.
 
     ``keyword`` is the :class:`~reskit.Policy` keyword (and attribute) that
-    configures the layer; ``None`` for the attempt marker.
+    configures the layer; ``None`` for the attempt marker. ``accepts`` is the
+    type the keyword takes (durations and fallbacks are converted by role).
     """
 
     keyword: str | None
     role: Role
+    accepts: type | None = None
 
 
 #: Outermost first. The kill switch and the brownout shed will be gates placed
 #: before the bulkhead.
 ORDER: tuple[Row, ...] = (
-    Row("fallback", Role.FALLBACK),
-    Row("bulkhead", Role.GATE),
+    Row("fallback", Role.FALLBACK, Fallback),
+    Row("bulkhead", Role.GATE, Bulkhead),
     Row("deadline", Role.DEADLINE),
-    Row("retry", Role.RETRY),
+    Row("retry", Role.RETRY, Retry),
     Row(None, Role.ATTEMPT),
-    Row("breaker", Role.GATE),
-    Row("throttle", Role.GATE),
+    Row("breaker", Role.GATE, CircuitBreaker),
+    Row("throttle", Role.GATE, AdaptiveThrottle),
     Row("timeout", Role.TIMEOUT),
 )
 

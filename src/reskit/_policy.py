@@ -23,7 +23,7 @@ from . import _clock
 from ._compose import Kind, compile_driver, kind_of
 from ._config import Frozen, seconds
 from ._fallback import Fallback
-from ._order import outer_gates
+from ._order import ORDER, Role, Row, outer_gates
 from ._retry import Retry
 from ._stats import Counters, PolicyStatistics
 
@@ -37,17 +37,16 @@ __all__ = ["Admission", "Policy"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_FIELDS = (
+# The strategies come from the order table; ``name`` and the keywords reserved
+# for strategies still to ship are the policy's own.
+_STRATEGIES: tuple[tuple[str, Row], ...] = tuple(
+    (row.keyword, row) for row in ORDER if row.keyword is not None
+)
+_FIELDS: tuple[str, ...] = (
     "name",
-    "timeout",
-    "deadline",
-    "retry",
-    "breaker",
-    "bulkhead",
-    "throttle",
+    *(keyword for keyword, _ in _STRATEGIES),
     "kill_switch",
     "shed_at",
-    "fallback",
 )
 
 
@@ -153,23 +152,7 @@ class Policy(Frozen):
     .. versionadded:: 0.1.0
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_counters",
-        "_runner",
-        "_runners",
-        "_runners_lock",
-        "breaker",
-        "bulkhead",
-        "deadline",
-        "fallback",
-        "kill_switch",
-        "name",
-        "retry",
-        "shed_at",
-        "throttle",
-        "timeout",
-    )
+    __slots__ = ("__weakref__", "_counters", "_runner", "_runners", "_runners_lock", *_FIELDS)
 
     _instead = "Use policy.replace({name}=...), which returns a new policy."
 
@@ -202,35 +185,10 @@ class Policy(Frozen):
         shed_at: int | None = None,
         fallback: Callable[[Exception], Any] | Fallback | None = None,
     ) -> None:
+        # The strategy keywords by name: the order table says which there are.
+        given = {field: value for field, value in locals().items() if field in _FIELDS}
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError(f"Policy name must be a non-empty string, got {name!r}")
-        timeout_s = seconds(timeout, "Policy timeout")
-        deadline_s = seconds(deadline, "Policy deadline")
-        if timeout_s is not None and deadline_s is not None and deadline_s < timeout_s:
-            raise ValueError(
-                f"Policy deadline ({deadline_s}s) is shorter than its attempt timeout "
-                f"({timeout_s}s): the timeout could never fire; lower timeout= or raise "
-                "deadline="
-            )
-        if retry is not None and not isinstance(retry, Retry):
-            raise TypeError(f"Policy retry= must be a reskit.Retry, got {retry!r}")
-        if breaker is not None:
-            from ._breaker import CircuitBreaker
-
-            if not isinstance(breaker, CircuitBreaker):
-                raise TypeError(f"Policy breaker= must be a reskit.CircuitBreaker, got {breaker!r}")
-        if bulkhead is not None:
-            from ._bulkhead import Bulkhead
-
-            if not isinstance(bulkhead, Bulkhead):
-                raise TypeError(f"Policy bulkhead= must be a reskit.Bulkhead, got {bulkhead!r}")
-        if throttle is not None:
-            from ._throttle import AdaptiveThrottle
-
-            if not isinstance(throttle, AdaptiveThrottle):
-                raise TypeError(
-                    f"Policy throttle= must be a reskit.AdaptiveThrottle, got {throttle!r}"
-                )
         if kill_switch is not None and kill_switch is not False:
             raise NotImplementedError(
                 "Policy(kill_switch=...) needs kill switches, which this version of reskit "
@@ -241,19 +199,18 @@ class Policy(Frozen):
                 "Policy(shed_at=...) needs brownout levels, which this version of reskit "
                 "does not ship yet"
             )
-        if fallback is not None and not isinstance(fallback, Fallback):
-            fallback = Fallback(fallback)
         init = object.__setattr__
         init(self, "name", name)
-        init(self, "timeout", timeout_s)
-        init(self, "deadline", deadline_s)
-        init(self, "retry", retry)
-        init(self, "breaker", breaker)
-        init(self, "bulkhead", bulkhead)
-        init(self, "throttle", throttle)
         init(self, "kill_switch", None)
         init(self, "shed_at", None)
-        init(self, "fallback", fallback)
+        for keyword, row in _STRATEGIES:
+            init(self, keyword, _checked(keyword, row.role, row.accepts, given[keyword]))
+        if self.timeout is not None and self.deadline is not None and self.deadline < self.timeout:
+            raise ValueError(
+                f"Policy deadline ({self.deadline}s) is shorter than its attempt timeout "
+                f"({self.timeout}s): the timeout could never fire; lower timeout= or raise "
+                "deadline="
+            )
         init(self, "_counters", Counters())
         init(self, "_runners", {})
         init(self, "_runners_lock", threading.Lock())
@@ -394,14 +351,26 @@ class Policy(Frozen):
         self._counters.reset()
 
     def __repr__(self) -> str:
+        """The configured strategies, in the canonical order."""
         parts = [repr(self.name)] if self.name is not None else []
-        for field in ("timeout", "deadline", "retry", "breaker", "bulkhead", "throttle"):
-            value = getattr(self, field)
+        for keyword, _ in _STRATEGIES:
+            value = getattr(self, keyword)
             if value is not None:
-                parts.append(f"{field}={value!r}")
-        if self.fallback is not None:
-            parts.append(f"fallback={self.fallback.fn!r}")
+                parts.append(f"{keyword}={value!r}")
         return f"Policy({', '.join(parts)})"
+
+
+def _checked(keyword: str, role: Role, accepts: type | None, value: Any) -> Any:
+    """Validate and convert the value given for a strategy keyword."""
+    if value is None:
+        return None
+    if role is Role.DEADLINE or role is Role.TIMEOUT:
+        return seconds(value, f"Policy {keyword}")
+    if role is Role.FALLBACK and not isinstance(value, Fallback):
+        return Fallback(value)
+    if accepts is not None and not isinstance(value, accepts):
+        raise TypeError(f"Policy {keyword}= must be a reskit.{accepts.__name__}, got {value!r}")
+    return value
 
 
 def _describe(fn: Callable[..., Any]) -> str:

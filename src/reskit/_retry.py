@@ -597,12 +597,21 @@ class RetryCall:
     so a result returned after the last attempt can be reported as a failure.
     """
 
-    __slots__ = ("_state", "asked", "attempt", "policy", "retry", "slept", "started")
+    __slots__ = ("_call", "_state", "asked", "attempt", "policy", "retry", "slept", "started")
 
-    def __init__(self, retry: Retry, policy: str, started: float) -> None:
+    def __init__(
+        self,
+        retry: Retry,
+        policy: str,
+        started: float,
+        fn: Callable[..., Any] | None = None,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.retry = retry
         self.policy = policy
         self.started = started
+        self._call = (fn, args, kwargs if kwargs is not None else {})
         self.attempt = 1
         self.slept = 0.0
         self.asked = False
@@ -613,7 +622,7 @@ class RetryCall:
     ) -> tenacity.RetryCallState:
         state = self._state
         if state is None:
-            state = self._state = tenacity.RetryCallState(_TENACITY_RETRYING, None, (), {})
+            state = self._state = tenacity.RetryCallState(_TENACITY_RETRYING, *self._call)
             state.start_time = self.started
         state.attempt_number = self.attempt
         if exc is not None:
@@ -622,7 +631,8 @@ class RetryCall:
             state.outcome = tenacity.Future.construct(self.attempt, result, False)
         state.outcome_timestamp = now
         state.idle_for = self.slept
-        state.upcoming_sleep = 0.0
+        # upcoming_sleep keeps the previous wait until the next one is computed, as in
+        # tenacity (a "decorrelated jitter" wait reads it).
         return state
 
     def decide(
