@@ -529,7 +529,8 @@ def _stream_driver(kind: Kind, layers: list[_Layer], policy: Policy) -> list[str
             own_bound = policy.timeout is not None or policy.deadline is not None
             bounded = is_async and own_bound
             # A bounded step sets the deadline to its bound, which is never later than D.
-            w("stoken = None" if bounded else "stoken = _deadline.set(D) if D is not None else None")
+            set_d = "stoken = _deadline.set(D) if D is not None else None"
+            w("stoken = None" if bounded else set_d)
             with w.block("try:"):
                 if not bounded:
                     # Cooperative, as attempts are: no step starts past the deadline.
