@@ -34,7 +34,7 @@ from reskit import (
 from reskit._compose import Kind, kind_of, source_for
 from reskit._gate import Gate, WaitingGate
 from reskit._order import ORDER, Role, outer_gates
-from reskit.testing import FakeClock
+from reskit.testing import FakeClock, SpanCapture
 
 
 class Scripted(random.Random):
@@ -430,3 +430,159 @@ async def test_a_probe_taken_by_a_stream_is_freed_when_an_outer_layer_raises_aft
     permit = breaker.admit("next")
     breaker.record(permit, None, 0.0)
     assert breaker.state == "closed"
+
+
+# -- found in review ----------------------------------------------------------------------------
+
+
+class FaultyLimit(reskit.AdaptiveLimit):
+    """A custom adaptive limit with a bug: every sample raises."""
+
+    def __init__(self) -> None:
+        super().__init__(initial=5, min_limit=1, max_limit=5)
+
+    def _update(self, duration: float, in_flight: int, dropped: bool) -> float:
+        raise ZeroDivisionError("bug in a custom limit")
+
+
+def test_a_stream_permit_is_recorded_once_when_recording_raises() -> None:
+    bulkhead = Bulkhead(1, limit=FaultyLimit())
+
+    @Policy("faulty", bulkhead=bulkhead)
+    def failing() -> Iterator[int]:
+        raise TimeoutError  # a drop: the adaptive limit is fed, and raises
+        yield 0
+
+    with pytest.raises(ZeroDivisionError):
+        list(failing())
+    assert bulkhead.in_flight == 0
+    with pytest.raises(ZeroDivisionError):
+        list(failing())  # one slot, handed back exactly once each time
+    assert bulkhead.in_flight == 0
+
+
+def test_every_stream_permit_is_recorded_and_the_span_ends_when_one_record_raises() -> None:
+    breaker = CircuitBreaker(fail_max=1)
+    policy = Policy("faulty", bulkhead=Bulkhead(5, limit=FaultyLimit()), breaker=breaker)
+    breaker.half_open()
+    with SpanCapture() as capture, pytest.raises(ZeroDivisionError):
+        list(policy(generator)(2))
+    # The breaker (recorded before the bulkhead) got its probe back: it closed.
+    assert breaker.state == "closed"
+    assert len(capture.spans()) == 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_stream_cut_by_its_deadline_closes_the_generator_it_protects(
+    kind: str, clock: FakeClock
+) -> None:
+    bulkhead = Bulkhead(1)
+    open_streams: list[int] = []
+    policy = Policy("db", deadline=1.0, bulkhead=bulkhead)
+
+    def rows() -> Iterator[int]:
+        open_streams.append(1)
+        try:
+            yield 1
+            yield 2
+        finally:
+            open_streams.pop()
+
+    async def arows() -> AsyncIterator[int]:
+        open_streams.append(1)
+        try:
+            yield 1
+            yield 2
+        finally:
+            open_streams.pop()
+
+    if kind == "sync":
+        stream: Any = policy(rows)()
+        next(stream)
+        clock.advance(2.0)  # a slow consumer: the deadline passes between items
+        with pytest.raises(reskit.TimeoutExceeded):
+            next(stream)
+    else:
+        stream = policy(arows)()
+        await anext(stream)
+        clock.advance(2.0)
+        with pytest.raises(reskit.TimeoutExceeded):
+            await anext(stream)
+    assert open_streams == []
+    assert bulkhead.in_flight == 0
+
+
+class Client:
+    async def __call__(self, x: int) -> int:
+        return x
+
+
+class RetryingClient(Client):
+    pass
+
+
+class Rows:
+    def __call__(self, n: int) -> Iterator[int]:
+        yield from range(n)
+
+
+def test_kind_of_callable_objects_follows_their_inherited_call() -> None:
+    assert kind_of(RetryingClient()) is Kind.COROUTINE
+    assert kind_of(Rows()) is Kind.GENERATOR
+    with pytest.raises(TypeError, match="acall"):
+        Policy("k").call(RetryingClient(), 1)
+
+
+async def test_acall_accepts_a_callable_object_with_an_inherited_async_call() -> None:
+    assert await Policy("k").acall(RetryingClient(), 21) == 21
+
+
+def test_a_callable_object_returning_a_generator_gets_a_protected_one() -> None:
+    fallback = Policy("k", fallback=lambda exc: ["fallback"])
+
+    class Broken:
+        def __call__(self) -> Iterator[int]:
+            raise ConnectionError
+            yield 0
+
+    assert list(fallback.call(Broken())) == ["fallback"]
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+async def test_a_fallback_that_raises_is_counted_once(kind: Kind, clock: FakeClock) -> None:
+    def fallback(exc: Exception) -> Any:
+        raise KeyError("fallback bug")
+
+    policy = Policy("fb", fallback=fallback)
+    with pytest.raises(KeyError):
+        await run(kind, policy, lambda: (_ for _ in ()).throw(ConnectionError()))
+    stats = policy.statistics
+    assert (stats.calls, stats.failures, stats.fallbacks) == (1, 1, 0)
+
+
+async def test_closing_an_async_stream_closes_its_fallbacks_replacement() -> None:
+    closed: list[str] = []
+
+    async def replacement() -> AsyncIterator[str]:
+        try:
+            yield "a"
+            yield "b"
+        finally:
+            closed.append("async")
+
+    def sync_replacement() -> Iterator[str]:
+        try:
+            yield "a"
+            yield "b"
+        finally:
+            closed.append("sync")
+
+    async def failing() -> AsyncIterator[int]:
+        raise ConnectionError
+        yield 0
+
+    for fallback in (lambda exc: replacement(), lambda exc: sync_replacement()):
+        stream = Policy("fb", fallback=fallback)(failing)()
+        assert await anext(stream) == "a"
+        await stream.aclose()
+    assert closed == ["async", "sync"]

@@ -141,3 +141,21 @@ def reskit_listener() -> Any:
 def test_frozen_config_error_is_a_reskit_error() -> None:
     assert issubclass(FrozenConfigError, reskit.ReskitError)
     assert issubclass(FrozenConfigError, AttributeError)
+
+
+def test_frozen_configuration_copies_and_pickles() -> None:
+    import copy
+    import pickle
+
+    retry = Retry(3, on=KeyError, wait=0.5)
+    for clone in (copy.copy(retry), copy.deepcopy(retry), pickle.loads(pickle.dumps(retry))):
+        assert (clone.attempts, clone.on, clone.wait) == (3, KeyError, 0.5)
+        assert clone._predicate(KeyError())
+        with pytest.raises(FrozenConfigError):
+            clone.attempts = 4  # type: ignore[misc]
+    fallback = Fallback(print, on=KeyError)
+    assert copy.deepcopy(fallback).fn is print
+    # A policy is immutable: a copy is the policy itself; replace() makes a new one.
+    policy = Policy("p", retry=retry)
+    assert copy.copy(policy) is policy
+    assert copy.deepcopy(policy) is policy

@@ -391,3 +391,64 @@ def test_statistics_of_one_policy_shared_by_many_threads_are_exact() -> None:
     assert stats.retries == 25 * 200
     assert stats.attempts == 50 * 200 + 25 * 200
     assert stats.failures == 0
+
+
+# -- async predicates and hooks ------------------------------------------------------------------
+
+
+async def test_an_async_on_predicate_is_awaited(clock: FakeClock) -> None:
+    async def transient(exc: Exception) -> bool:
+        return isinstance(exc, ConnectionError)
+
+    calls: list[type[Exception]] = []
+
+    async def fn(error: type[Exception]) -> None:
+        calls.append(error)
+        raise error
+
+    policy = Policy("p", retry=Retry(3, on=transient, wait=0))
+    with pytest.raises(ValueError):
+        await policy.acall(fn, ValueError)
+    with pytest.raises(ConnectionError):
+        await policy.acall(fn, ConnectionError)
+    assert calls == [ValueError] + [ConnectionError] * 3
+
+
+def test_an_async_on_predicate_is_refused_on_a_sync_function() -> None:
+    async def transient(exc: Exception) -> bool:
+        return True
+
+    with pytest.raises(TypeError, match="async strategies"):
+        Policy("p", retry=Retry(on=transient))(lambda: 1)
+
+
+def test_predicates_asked_where_nothing_can_be_awaited_must_be_plain() -> None:
+    async def predicate(exc: BaseException) -> bool:
+        return True
+
+    with pytest.raises(TypeError, match="plain function"):
+        reskit.Fallback(lambda exc: None, on=predicate)
+    with pytest.raises(TypeError, match="plain functions"):
+        CircuitBreaker(exclude=[predicate])
+
+
+async def test_a_hook_that_returns_an_awaitable_is_awaited_in_async_code(
+    clock: FakeClock,
+) -> None:
+    notified: list[int] = []
+
+    async def notify(details: RetryDetails) -> None:
+        notified.append(details.attempt)
+
+    answers: list[Any] = [ConnectionError(), "ok"]
+
+    async def fn() -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    hook = lambda details: notify(details)  # noqa: E731 - a sync callable returning a coroutine
+    policy = Policy("p", retry=Retry(3, on=ConnectionError, wait=0, on_retry=hook))
+    assert await policy.acall(fn) == "ok"
+    assert notified == [1]

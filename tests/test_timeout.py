@@ -75,6 +75,61 @@ async def test_result_ready_as_timeout_fires_is_kept(clock: FakeClock) -> None:
     assert current_task().cancelling() == 0
 
 
+@pytest.mark.parametrize("shape", ["one policy", "nested policies"])
+async def test_result_ready_as_two_limits_fire_together_is_kept(
+    clock: FakeClock, shape: str
+) -> None:
+    """An attempt timeout capped at the deadline: both fire on the same instant."""
+
+    async def on_the_dot() -> str:
+        clock.advance(1.0)
+        return "ok"
+
+    if shape == "one policy":
+        result = await Policy("t", timeout=1.0, deadline=1.0).acall(on_the_dot)
+    else:
+        inner = Policy("inner", timeout=1.0)
+        result = await Policy("outer", deadline=1.0).acall(inner.acall, on_the_dot)
+    assert result == "ok"
+    await asyncio.sleep(0)
+    assert current_task().cancelling() == 0
+
+
+async def test_external_cancel_on_the_dot_of_two_limits_is_not_absorbed(
+    clock: FakeClock,
+) -> None:
+    async def finishing() -> str:
+        clock.advance(1.0)
+        current_task().cancel()
+        return "ok"
+
+    with pytest.raises(asyncio.CancelledError):
+        await Policy("t", timeout=1.0, deadline=1.0).acall(finishing)
+    current_task().uncancel()
+    assert current_task().cancelling() == 0
+
+
+async def test_a_new_fake_clock_never_reuses_an_old_clocks_timer_bucket() -> None:
+    """Buckets live on one clock: a bucket armed under a FakeClock that was
+    uninstalled before it fired must not swallow the next clock's timeouts."""
+
+    async def fast() -> str:
+        return "fast"
+
+    with FakeClock():
+        assert await Policy("t", timeout=5.0).acall(fast) == "fast"
+
+    with FakeClock() as clock:  # the same start time: the same bucket keys
+
+        async def slow() -> str:
+            clock.advance(10.0)
+            await asyncio.sleep(0)
+            return "late"
+
+        with pytest.raises(TimeoutExceeded):
+            await Policy("t", timeout=5.0).acall(slow)
+
+
 async def test_external_cancel_is_never_swallowed_even_when_timeout_fires(
     clock: FakeClock,
 ) -> None:

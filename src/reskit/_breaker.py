@@ -24,7 +24,6 @@ after the breaker opened) cannot move the state.
 from __future__ import annotations
 
 import enum
-import inspect
 import itertools
 import logging
 import math
@@ -34,6 +33,7 @@ from datetime import timedelta
 from typing import Any, Final
 
 from opentelemetry import trace as _otel_trace
+from tenacity._utils import is_coroutine_callable
 
 from . import _clock, _telemetry
 from ._config import seconds, setting
@@ -433,7 +433,7 @@ class CircuitBreaker:
                 raise TypeError(
                     f"on_result must be a predicate on the call's result, got {on_result!r}"
                 )
-            if inspect.iscoroutinefunction(on_result):
+            if is_coroutine_callable(on_result):
                 raise TypeError(
                     "on_result must be a plain function: the breaker judges results while "
                     "recording, where nothing can be awaited"
@@ -484,6 +484,11 @@ class CircuitBreaker:
             if isinstance(item, type) and issubclass(item, BaseException):
                 types.append(item)
             elif callable(item) and not isinstance(item, type):
+                if is_coroutine_callable(item):
+                    raise TypeError(
+                        "exclude predicates must be plain functions: the breaker asks them "
+                        f"while recording, where nothing can be awaited; got {item!r}"
+                    )
                 predicates.append(item)
             else:
                 raise TypeError(

@@ -98,10 +98,15 @@ def kind_of(fn: Callable[..., Any]) -> Kind:
         return Kind.GENERATOR
     if inspect.iscoroutinefunction(fn):
         return Kind.COROUTINE
-    # A callable object whose __call__ is ``async def``.
-    call = type(fn).__dict__.get("__call__") if not isinstance(fn, type) else None
-    if call is not None and inspect.iscoroutinefunction(call):
-        return Kind.COROUTINE
+    # A callable object: the kind of its class's __call__ (inherited or not).
+    call = None if isinstance(fn, type) else inspect.getattr_static(type(fn), "__call__", None)
+    if isinstance(call, types.FunctionType):
+        if inspect.isasyncgenfunction(call):
+            return Kind.ASYNC_GENERATOR
+        if inspect.isgeneratorfunction(call):
+            return Kind.GENERATOR
+        if inspect.iscoroutinefunction(call):
+            return Kind.COROUTINE
     return Kind.FUNCTION
 
 
@@ -168,7 +173,6 @@ def _fallback(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     with w.block("except Exception as exc:"):
         w("if not FB_PREDICATE(exc):", "    raise")
         w.obs("obs.fell_back(exc)")
-        w("_counters.fell_back(exc)")
         if w.kind is Kind.FUNCTION:
             w("result = FB(exc)", "if _isawaitable(result):")
             w("    _awaitable_fallback(result, exc, NAME)")
@@ -177,6 +181,8 @@ def _fallback(w: _Writer, layer: _Layer, inner: _Inner) -> None:
         else:
             # Streams yield the replacement after this block, outside our context.
             w("replacement = FB(exc)")
+        # Counted once the fallback answered: what it raises is counted as the call's end.
+        w("_counters.fell_back(exc)")
 
 
 def _gate(w: _Writer, layer: _Layer, inner: _Inner) -> None:
@@ -200,9 +206,11 @@ def _gate(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     with w.block("try:"):
         inner()
     with w.block("except BaseException as exc:"):
-        w(f"g{i}_record(p{i}, exc, {duration})")
         if w.kind.is_stream:
-            w(f"p{i} = _NOT_HELD")
+            # Not held any more, even if recording raises: never recorded twice.
+            w(f"permit, p{i} = p{i}, _NOT_HELD", f"g{i}_record(permit, exc, {duration})")
+        else:
+            w(f"g{i}_record(p{i}, exc, {duration})")
         w("raise")
     if w.kind.is_stream:
         # The permit lives as long as the stream: the driver records it when the
@@ -256,7 +264,9 @@ def _retry(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     if retry.budget is not None:
         w("BUDGET_DEPOSIT()")
     w("began = _clock.now()" if retry._timed else "began = 0.0", "rcall = None")
-    run = "await _arun_flow" if w.kind.is_async and retry._is_async else "_run_flow"
+    # In async code any strategy or hook may hand back an awaitable (a lambda around a
+    # coroutine function), so async drivers always run the flow with arun_flow.
+    run = "await _arun_flow" if w.kind.is_async else "_run_flow"
     with w.block("while True:"):
         with w.block("try:"):
             inner()
@@ -287,11 +297,14 @@ def _attempt(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     inner()
 
 
-def _bounded(w: _Writer, timeout: bool, cap: str | None, inner: _Inner, *, check: bool) -> None:
+def _bounded(
+    w: _Writer, timeout: bool, cap: str | None, inner: _Inner, *, check: str | None = None
+) -> None:
     """Await ``inner`` cancelled at ``now + TIMEOUT`` or ``cap``, whichever is first.
 
-    While it runs, ``remaining_deadline()`` reports that bound. With ``check``,
-    a bound already reached raises before anything is awaited.
+    While it runs, ``remaining_deadline()`` reports that bound. With ``check`` (a
+    line to run first, such as closing the stream), a bound already reached raises
+    before anything is awaited.
     """
     w("now = _clock.now()")
     if timeout:
@@ -305,8 +318,8 @@ def _bounded(w: _Writer, timeout: bool, cap: str | None, inner: _Inner, *, check
     else:
         assert cap is not None
         w(f"when = {cap}", "kind = 'deadline'", "grain = DEADLINE_GRAIN")
-    if check:
-        w("if when <= now:", "    raise TIMED_OUT(kind)")
+    if check is not None:
+        w("if when <= now:", f"    {check}", "    raise TIMED_OUT(kind)")
     w(
         "task = _current_task()",
         "expiry = _Expiry(task)",
@@ -333,7 +346,7 @@ def _timeout(w: _Writer, layer: _Layer, inner: _Inner) -> None:
         w("result = _run_in_worker(fn, args, kwargs, when, NAME, TIMED_OUT, kind)")
         return
     assert w.kind.is_async, "timeout= on a sync generator is refused before compiling"
-    _bounded(w, True, "DL", inner, check=False)
+    _bounded(w, True, "DL", inner)
 
 
 def _call(w: _Writer) -> None:
@@ -504,10 +517,21 @@ def _stream_driver(kind: Kind, layers: list[_Layer], policy: Policy) -> list[str
             if is_async:
                 w("if _isawaitable(replacement):", "    replacement = await replacement")
                 with w.block("if replacement is not None:"):
+                    # The replacement is closed however the consumer ends (yield from
+                    # does that for sync streams).
                     with w.block("if hasattr(replacement, '__aiter__'):"):
-                        w("async for value in replacement:", "    yield value")
+                        w("replacement = replacement.__aiter__()")
+                        with w.block("try:"):
+                            w("async for value in replacement:", "    yield value")
+                        with w.block("finally:"):
+                            w("if hasattr(replacement, 'aclose'):")
+                            w("    await replacement.aclose()")
                     with w.block("else:"):
-                        w("for value in replacement:", "    yield value")
+                        w("replacement = iter(replacement)")
+                        with w.block("try:"):
+                            w("for value in replacement:", "    yield value")
+                        with w.block("finally:"):
+                            w("if hasattr(replacement, 'close'):", "    replacement.close()")
                 w("return")
             else:
                 w("if replacement is None:", "    replacement = ()")
@@ -532,9 +556,15 @@ def _stream_driver(kind: Kind, layers: list[_Layer], policy: Policy) -> list[str
             set_d = "stoken = _deadline.set(D) if D is not None else None"
             w("stoken = None" if bounded else set_d)
             with w.block("try:"):
+                close = "await it.aclose()" if is_async else "it.close()"
                 if not bounded:
-                    # Cooperative, as attempts are: no step starts past the deadline.
-                    w("if D is not None and _clock.now() >= D:", "    raise TIMED_OUT('deadline')")
+                    # Cooperative, as attempts are: no step starts past the deadline. The
+                    # stream ends there, so the generator it protects is closed first.
+                    w(
+                        "if D is not None and _clock.now() >= D:",
+                        f"    {close}",
+                        "    raise TIMED_OUT('deadline')",
+                    )
                 if is_async:
                     advance = "aw = it.asend(sent) if thrown is None else it.athrow(thrown)"
                     with w.block("try:"):
@@ -546,7 +576,7 @@ def _stream_driver(kind: Kind, layers: list[_Layer], policy: Policy) -> list[str
                                 policy.timeout is not None,
                                 "D",
                                 lambda: w(advance, "result = await aw"),
-                                check=True,
+                                check=close,
                             )
                         else:
                             w(advance, "result = await aw")
@@ -563,14 +593,20 @@ def _stream_driver(kind: Kind, layers: list[_Layer], policy: Policy) -> list[str
     if not is_async:
         w("return result")
     d = "async def" if is_async else "def"
-    release = [
-        line
-        for i, duration in reversed(w.held)
-        for line in (
-            f"            if p{i} is not _NOT_HELD:",
-            f"                g{i}_record(p{i}, call_exc, {duration})",
-        )
-    ]
+    # Each held permit is recorded, innermost first, and the span ends, even if a
+    # record raises (a faulty custom adaptive limit): nested try/finally blocks.
+    release: list[str] = []
+    pad = " " * 12
+    for i, duration in reversed(w.held):
+        release += [
+            f"{pad}try:",
+            f"{pad}    if p{i} is not _NOT_HELD:",
+            f"{pad}        permit, p{i} = p{i}, _NOT_HELD",
+            f"{pad}        g{i}_record(permit, call_exc, {duration})",
+            f"{pad}finally:",
+        ]
+        pad += "    "
+    release += [f"{pad}if obs is not None:", f"{pad}    obs.finish(call_exc)"]
     return [
         "def make(fn):",
         f"    {d} wrapper(*args, **kwargs):",
@@ -588,8 +624,6 @@ def _stream_driver(kind: Kind, layers: list[_Layer], policy: Policy) -> list[str
         "        finally:",
         # Permits still held (the stream started) are recorded with how it ended.
         *release,
-        "            if obs is not None:",
-        "                obs.finish(call_exc)",
         "    return wrapper",
     ]
 

@@ -122,6 +122,13 @@ class Frozen:
     def __delattr__(self, name: str) -> None:
         raise _refusal(self, name, self._instead)
 
+    def __setstate__(self, state: Any) -> None:
+        # copy, deepcopy and pickle rebuild an object by setting its fields.
+        dict_state, slot_state = state if isinstance(state, tuple) else (state, None)
+        for fields in (dict_state, slot_state):
+            for name, value in (fields or {}).items():
+                object.__setattr__(self, name, value)
+
 
 class _Setting(property):
     # A property that learns its public name, for the error message.

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._config import Frozen
-from ._retry import ExceptionFilter, _as_predicate
+from ._retry import ExceptionFilter, _sync_predicate
 
 __all__ = ["Fallback"]
 
@@ -45,7 +45,7 @@ class Fallback(Frozen):
             raise TypeError(f"fallback must be callable with the exception, got {fn!r}")
         object.__setattr__(self, "fn", fn)
         object.__setattr__(self, "on", on)
-        object.__setattr__(self, "_predicate", _as_predicate(on))
+        object.__setattr__(self, "_predicate", _sync_predicate(on, "Fallback on="))
 
     def __repr__(self) -> str:
         return f"Fallback({self.fn!r}, on={self.on!r})"

@@ -216,6 +216,13 @@ class Policy(Frozen):
         init(self, "_runners_lock", threading.Lock())
         init(self, "_runner", Runner(self, name) if name is not None else None)
 
+    def __copy__(self) -> Policy:
+        # Immutable, like a tuple: a copy is the policy itself (replace() makes a new one).
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Policy:
+        return self
+
     # -- compiling ------------------------------------------------------------
     def _runner_for(self, fn: Callable[..., Any]) -> Runner:
         runner = self._runner
@@ -374,8 +381,10 @@ def _checked(keyword: str, role: Role, accepts: type | None, value: Any) -> Any:
 
 
 def _describe(fn: Callable[..., Any]) -> str:
-    name = getattr(fn, "__qualname__", None) or repr(fn)
-    return f"{name}()" if isinstance(name, str) and not name.startswith("<") else repr(fn)
+    name = getattr(fn, "__qualname__", None)
+    if isinstance(name, str) and not name.startswith("<"):
+        return f"{name}()"
+    return f"{type(fn).__qualname__} object (its __call__)"
 
 
 class Admission:

@@ -237,16 +237,39 @@ class RetryBudget:
         )
 
 
+def _sync_predicate(on: ExceptionFilter, what: str) -> Callable[[Exception], bool]:
+    """Like :func:`_as_predicate`, for filters asked where nothing can be awaited."""
+    if not isinstance(on, type | tuple) and is_coroutine_callable(on):
+        raise TypeError(
+            f"{what} must be an exception type, a tuple of them, or a plain function: "
+            f"it is asked where nothing can be awaited, so an async def predicate ({on!r}) "
+            "would count as true for every exception"
+        )
+    return _as_predicate(on)
+
+
+class _Matches:
+    """``isinstance(exc, types)`` as a predicate (a class, so a Retry can be pickled)."""
+
+    __slots__ = ("types",)
+
+    def __init__(self, types: type[BaseException] | tuple[type[BaseException], ...]) -> None:
+        self.types = types
+
+    def __call__(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.types)
+
+
 def _as_predicate(on: ExceptionFilter) -> Callable[[Exception], bool]:
     if isinstance(on, type) and issubclass(on, BaseException):
-        return lambda exc: isinstance(exc, on)
+        return _Matches(on)
     if isinstance(on, tuple):
         if not on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in on):
             raise TypeError(
                 f"Retry on= must be an exception type, a non-empty tuple of them, or a "
                 f"predicate taking the exception; got {on!r}"
             )
-        return lambda exc: isinstance(exc, on)
+        return _Matches(on)
     if callable(on):
         return on  # type: ignore[return-value]
     raise TypeError(
@@ -478,8 +501,8 @@ class Retry(Frozen):
             )
         is_async = any(
             _async_parts(part)
-            for part in (on_result, tenacity_wait, stop, retry, on_retry)
-            if part is not None
+            for part in (on, on_result, tenacity_wait, stop, retry, on_retry)
+            if part is not None and not isinstance(part, type | tuple)
         )
 
         limit = attempts if attempts is not None or stop is not None else DEFAULT_ATTEMPTS
@@ -665,7 +688,7 @@ class RetryCall:
             elif isinstance(exc, TryAgain):
                 pass  # tenacity's explicit retry, whatever the condition says
             elif retry._predicate is not None:
-                if not retry._predicate(exc):  # type: ignore[arg-type]
+                if not (yield from _ask(retry._predicate, exc)):
                     return None
             elif retry._tenacity_retry is not None:
                 state = self._tenacity_state(exc, None, now)

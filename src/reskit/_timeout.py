@@ -62,12 +62,15 @@ class Expiry:
 
 
 class Wheel:
-    """The expiry buckets of one event loop."""
+    """The expiry buckets of one event loop, on one clock."""
 
-    __slots__ = ("__weakref__", "buckets", "loop")
+    __slots__ = ("__weakref__", "buckets", "clock", "loop")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: _clock.ClockBackend) -> None:
         self.loop = loop
+        # The clock whose timers fire the buckets: a bucket armed under one clock
+        # (a test's FakeClock) would never fire under the next one.
+        self.clock = clock
         self.buckets: dict[float, set[Expiry]] = {}
 
     def arm(self, expiry: Expiry, when: float, grain: float) -> set[Expiry]:
@@ -86,7 +89,9 @@ class Wheel:
             return
         for expiry in bucket:
             expiry.fired = True
-            expiry.task.cancel()
+            task = expiry.task
+            _unresolved[task] = _unresolved.get(task, 0) + 1
+            task.cancel()
 
 
 _wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Wheel] = weakref.WeakKeyDictionary()
@@ -94,20 +99,37 @@ _wheels_lock = threading.Lock()
 # The wheel used last, as one object: two globals written separately could be
 # read half-updated by a thread running another event loop.
 _last_wheel: Wheel | None = None
+# Expiries that fired and whose layer has not yet dealt with the cancellation,
+# per task. When two of reskit's limits fire together (an attempt timeout capped
+# at the deadline), the inner layer must tell the outer layer's pending request
+# from a cancellation of the task by someone else.
+_unresolved: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = weakref.WeakKeyDictionary()
 
 
 def wheel_for(loop: asyncio.AbstractEventLoop) -> Wheel:
-    """The wheel of ``loop`` (cached for the loop used last)."""
+    """The wheel of ``loop`` on the current clock (cached for the loop used last)."""
     global _last_wheel
     last = _last_wheel
-    if last is not None and last.loop is loop:
+    clock = _clock.current()
+    if last is not None and last.loop is loop and last.clock is clock:
         return last
     with _wheels_lock:
         wheel = _wheels.get(loop)
-        if wheel is None:
-            wheel = _wheels[loop] = Wheel(loop)
+        if wheel is None or wheel.clock is not clock:
+            wheel = _wheels[loop] = Wheel(loop, clock)
     _last_wheel = wheel
     return wheel
+
+
+def _resolve(expiry: Expiry) -> int:
+    """Mark a fired expiry dealt with; return how many others of its task still are not."""
+    task = expiry.task
+    left = _unresolved.get(task, 1) - 1
+    if left > 0:
+        _unresolved[task] = left
+    else:
+        _unresolved.pop(task, None)
+    return left
 
 
 async def settle(expiry: Expiry) -> None:
@@ -118,21 +140,28 @@ async def settle(expiry: Expiry) -> None:
     the task and would hit its next ``await`` (``uncancel`` alone does not clear
     it before Python 3.13). One yield delivers it here, where we absorb it, so
     the result is kept and no stray cancellation escapes. A cancellation from
-    elsewhere that arrived meanwhile is re-raised.
+    elsewhere that arrived meanwhile is re-raised; one from an enclosing layer
+    of reskit's that fired at the same moment is left to that layer, which
+    settles it the same way, so a ready result survives both.
     """
     try:
         await asyncio.sleep(0)
     except asyncio.CancelledError:
-        if expiry.task.uncancel() > expiry.cancelling:
+        others = _resolve(expiry)
+        if expiry.task.uncancel() > expiry.cancelling + others:
             raise
     else:
         # The cancellation was delivered and swallowed inside the guarded code.
+        _resolve(expiry)
         expiry.task.uncancel()
 
 
 def expired(expiry: Expiry) -> bool:
     """After a CancelledError: was it ours alone (turn it into a timeout)?"""
-    return expiry.fired and expiry.task.uncancel() <= expiry.cancelling
+    if not expiry.fired:
+        return False
+    _resolve(expiry)
+    return expiry.task.uncancel() <= expiry.cancelling
 
 
 # -- sync ----------------------------------------------------------------------
