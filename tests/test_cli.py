@@ -16,7 +16,7 @@ import reskit
 from reskit.cli import _demo, main
 
 OUTCOMES = ("success", "fallback", "rejected", "failure")
-BASE_SCENES = ["payments", "inventory", "ledger"]
+SCENES = ["payments", "inventory", "ledger", "recommendations", "search"]
 COLUMNS = (
     "calls",
     "success",
@@ -82,52 +82,26 @@ def assert_counts_add_up(rows: dict[str, dict[str, float]], calls: int) -> None:
         assert sum(row[column] for row in scenes.values()) == rows["total"][column], column
 
 
-@pytest.fixture
-def without_optional_scenes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delattr(reskit, "CircuitBreaker", raising=False)
-    monkeypatch.delattr(reskit, "Bulkhead", raising=False)
-
-
-@pytest.fixture
-def with_optional_scenes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Export the breaker and the bulkhead, as a reskit that ships them does."""
-    breaker = pytest.importorskip("reskit._breaker")
-    bulkhead = pytest.importorskip("reskit._bulkhead")
-    monkeypatch.setattr(reskit, "CircuitBreaker", breaker.CircuitBreaker, raising=False)
-    monkeypatch.setattr(reskit, "Bulkhead", bulkhead.Bulkhead, raising=False)
-
-
 # -- reskit demo ------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("without_optional_scenes")
 def test_demo_counts_add_up(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_main(["demo", "--calls", "200", "--seed", "5", "--concurrency", "8", "--quiet"]) == 0
 
     out = capsys.readouterr().out
     rows = parse_table(out)
-    assert list(rows) == [*BASE_SCENES, "total"]
+    assert list(rows) == [*SCENES, "total"]
     assert_counts_add_up(rows, 200)
     # --quiet prints the table and nothing else: no progress, no log events.
     assert out.startswith("policy ")
     assert "reskit.retry.scheduled" not in out
 
 
-@pytest.mark.usefixtures("with_optional_scenes")
-def test_demo_grows_a_breaker_and_a_bulkhead_scene(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_main(["demo", "--calls", "250", "--quiet"]) == 0
-
-    rows = parse_table(capsys.readouterr().out)
-    assert list(rows) == [*BASE_SCENES, "recommendations", "search", "total"]
-    assert_counts_add_up(rows, 250)
-
-
-@pytest.mark.usefixtures("without_optional_scenes")
 def test_demo_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_main(["demo", "--calls", "150", "--seed", "2"]) == 0
 
     out = capsys.readouterr().out
-    assert out.startswith("reskit demo: 150 calls to 3 simulated dependencies")
+    assert out.startswith("reskit demo: 150 calls to 5 simulated dependencies")
     rows = parse_table(out)
     assert_counts_add_up(rows, 150)
     assert "why calls did not simply succeed:" in out
@@ -212,7 +186,6 @@ def test_outage_fails_every_attempt() -> None:
     assert [dependency.draw(call, 1)[0] for call in range(10)] == ["ok"] * 5 + ["error"] * 5
 
 
-@pytest.mark.usefixtures("with_optional_scenes")
 def test_calls_are_shared_between_scenes() -> None:
     scenes = _demo.build_scenes(calls=12, seed=1, concurrency=4)
     assert [scene.calls for scene in scenes] == [3, 3, 2, 2, 2]

@@ -1,38 +1,48 @@
-"""reskit: in-process resilience for Python services."""
+"""reskit: in-process resilience for Python services.
+
+The public names are loaded on first use (PEP 562), so ``import reskit`` costs
+next to nothing and each name brings only the modules it needs.
+"""
 
 from __future__ import annotations
 
-from ._adaptive import AdaptiveLimit, AIMDLimit, GradientLimit
-from ._breaker import BreakerState, CircuitBreaker
-from ._bulkhead import Bulkhead
-from ._context import (
-    bind_correlation_id,
-    correlation_id,
-    new_correlation_id,
-    remaining_deadline,
-    valid_correlation_id,
-)
-from ._decorators import bulkhead, circuit_breaker, fallback, retry, timeout
-from ._errors import (
-    BulkheadFull,
-    CircuitOpen,
-    FrozenConfigError,
-    IdempotencyConflict,
-    IdempotencyMismatch,
-    KillSwitchOff,
-    Rejected,
-    ReskitError,
-    RetryBudgetExhausted,
-    Shed,
-    Throttled,
-    TimeoutExceeded,
-)
-from ._fallback import Fallback
-from ._policy import Policy
-from ._retry import Retry, RetryBudget, RetryDetails
-from ._stats import PolicyStatistics
-from ._telemetry import configure_telemetry
-from ._throttle import AdaptiveThrottle
+# Not typing.TYPE_CHECKING: importing typing would cost more than this module.
+# Type checkers read any name TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ._adaptive import AdaptiveLimit, AIMDLimit, GradientLimit
+    from ._breaker import BreakerState, CircuitBreaker
+    from ._bulkhead import Bulkhead
+    from ._context import (
+        bind_correlation_id,
+        correlation_id,
+        new_correlation_id,
+        remaining_deadline,
+        valid_correlation_id,
+    )
+    from ._decorators import bulkhead, circuit_breaker, fallback, retry, timeout
+    from ._errors import (
+        BulkheadFull,
+        CircuitOpen,
+        FrozenConfigError,
+        IdempotencyConflict,
+        IdempotencyMismatch,
+        KillSwitchOff,
+        Rejected,
+        ReskitError,
+        RetryBudgetExhausted,
+        Shed,
+        Throttled,
+        TimeoutExceeded,
+    )
+    from ._fallback import Fallback
+    from ._policy import Policy
+    from ._retry import Retry, RetryBudget, RetryDetails
+    from ._stats import PolicyStatistics
+    from ._telemetry import configure_telemetry
+    from ._throttle import AdaptiveThrottle
 
 __all__ = [
     "AIMDLimit",
@@ -73,10 +83,60 @@ __all__ = [
     "valid_correlation_id",
 ]
 
+# Where each public name lives.
+_HOMES = {
+    "._adaptive": ("AIMDLimit", "AdaptiveLimit", "GradientLimit"),
+    "._breaker": ("BreakerState", "CircuitBreaker"),
+    "._bulkhead": ("Bulkhead",),
+    "._context": (
+        "bind_correlation_id",
+        "correlation_id",
+        "new_correlation_id",
+        "remaining_deadline",
+        "valid_correlation_id",
+    ),
+    "._decorators": ("bulkhead", "circuit_breaker", "fallback", "retry", "timeout"),
+    "._errors": (
+        "BulkheadFull",
+        "CircuitOpen",
+        "FrozenConfigError",
+        "IdempotencyConflict",
+        "IdempotencyMismatch",
+        "KillSwitchOff",
+        "Rejected",
+        "ReskitError",
+        "RetryBudgetExhausted",
+        "Shed",
+        "Throttled",
+        "TimeoutExceeded",
+    ),
+    "._fallback": ("Fallback",),
+    "._policy": ("Policy",),
+    "._retry": ("Retry", "RetryBudget", "RetryDetails"),
+    "._stats": ("PolicyStatistics",),
+    "._telemetry": ("configure_telemetry",),
+    "._throttle": ("AdaptiveThrottle",),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
 
-def __getattr__(name: str) -> str:
+
+del TYPE_CHECKING
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is not None:
+        from importlib import import_module
+
+        value = getattr(import_module(module, __name__), name)
+        globals()[name] = value  # from now on a plain module attribute
+        return value
     if name == "__version__":
         from importlib.metadata import version
 
         return version("reskit")
     raise AttributeError(f"module 'reskit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

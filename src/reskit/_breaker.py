@@ -32,11 +32,11 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any, Final
 
-from opentelemetry import trace as _otel_trace
 from tenacity._utils import is_coroutine_callable
 
 from . import _clock, _telemetry
 from ._config import seconds, setting
+from ._context import _correlation_id, new_correlation_id
 from ._errors import CircuitOpen, Rejected
 
 __all__ = ["BreakerState", "CircuitBreaker"]
@@ -48,8 +48,6 @@ DEFAULT_MINIMUM_CALLS: Final = 10
 
 #: What ``exclude=`` accepts: exception classes, or predicates taking the exception.
 ExcludeItem = type[BaseException] | Callable[[BaseException], bool]
-
-_stdlib_log = logging.getLogger("reskit")
 
 
 class BreakerState(enum.StrEnum):
@@ -972,22 +970,22 @@ class CircuitBreaker:
         # pybreaker's order: failure listeners, then the transition, then success listeners.
         if outcome == _FAILURE:
             for hook in self._on_failure:
-                _telemetry.failsafe("a circuit breaker listener's failure()", hook, self, exc)
+                _telemetry.guard("a circuit breaker listener's failure()", hook, self, exc)
         if transition is not None:
             self._announce(transition)
         if outcome == _SUCCESS:
             for hook in self._on_success:
-                _telemetry.failsafe("a circuit breaker listener's success()", hook, self)
+                _telemetry.guard("a circuit breaker listener's success()", hook, self)
 
     def _judge(self, result: Any) -> int:
         assert self._on_result is not None
         try:
             return _FAILURE if self._on_result(result) else _SUCCESS
-        except Exception:
-            _stdlib_log.exception(
-                "reskit: on_result predicate of circuit breaker %r raised; the call counts "
-                "as neither success nor failure",
-                self._label,
+        except Exception as exc:
+            _telemetry.report(
+                f"the on_result predicate of circuit breaker {self._label!r} (the call counts "
+                "as neither success nor failure)",
+                exc,
             )
             return _NEITHER
 
@@ -998,12 +996,11 @@ class CircuitBreaker:
             try:
                 if predicate(exc):
                     return True
-            except Exception:
-                _stdlib_log.exception(
-                    "reskit: exclude predicate %r of circuit breaker %r raised; "
-                    "counting the call as a failure",
-                    predicate,
-                    self._label,
+            except Exception as exc:
+                _telemetry.report(
+                    f"exclude predicate {predicate!r} of circuit breaker {self._label!r} "
+                    "(counting the call as a failure)",
+                    exc,
                 )
         return False
 
@@ -1032,18 +1029,24 @@ class CircuitBreaker:
         return (old, state, reason) if old is not state else None
 
     def _announce(self, transition: _Transition) -> None:
-        """Tell listeners, the current span and the log about a transition."""
+        """Tell listeners, the current span and the log about a transition.
+
+        Called after the state changed, outside the lock; nothing here can raise
+        (each listener, the span and the log sink are isolated).
+        """
         old, new, reason = transition
         if self._on_state_change:
             old_arg = _LISTENER_STATE[old]
             new_arg = _LISTENER_STATE[new]
             for hook in self._on_state_change:
-                _telemetry.failsafe(
+                _telemetry.guard(
                     "a circuit breaker listener's state_change()", hook, self, old_arg, new_arg
                 )
-        span = _otel_trace.get_current_span()
-        if span.is_recording():
-            span.add_event(
+        span = _telemetry.current_span()
+        if span is not None:
+            _telemetry.guard(
+                "the OpenTelemetry span (a breaker event)",
+                span.add_event,
                 "reskit.breaker.state_change",
                 {
                     "reskit.breaker.name": self._label,
@@ -1052,12 +1055,16 @@ class CircuitBreaker:
                     "reskit.breaker.reason": reason,
                 },
             )
-        _telemetry.log.info(
+        _telemetry.emit(
+            logging.INFO,
             _LOG_EVENT[new],
             breaker=self._label,
             from_state=old.value,
             to_state=new.value,
             reason=reason,
+            # A transition is not one call's event, but the call that caused it
+            # may have an ID: its own, or one made for this event.
+            correlation_id=_correlation_id.get() or new_correlation_id(),
         )
         _GAUGE.ensure()
 
@@ -1068,12 +1075,14 @@ class CircuitBreaker:
         kwargs: Mapping[str, Any] | None,
     ) -> None:
         for hook in self._before_call:
-            try:
-                hook(self, func, *args, **(kwargs or {}))
-            except Exception:
-                _stdlib_log.exception(
-                    "reskit: a circuit breaker listener's before_call() raised; ignored"
-                )
+            _telemetry.guard(
+                "a circuit breaker listener's before_call()",
+                hook,
+                self,
+                func,
+                *args,
+                **(kwargs or {}),
+            )
 
     def __repr__(self) -> str:
         return (

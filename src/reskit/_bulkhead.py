@@ -29,18 +29,20 @@ second sees the other: a slot is never left free while someone waits.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _clock, _telemetry
 from ._adaptive import AdaptiveLimit
 from ._config import seconds, setting
 from ._context import remaining_deadline
 from ._errors import BulkheadFull, Rejected
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["DEFAULT_MAX_PARTITIONS", "Bulkhead"]
 
@@ -114,7 +116,9 @@ class _TaskWaiter(_Waiter):
 
     def __init__(self, partition: _Partition, seq: int, budget: float | None) -> None:
         super().__init__(partition, seq, budget)
-        self.loop = asyncio.get_running_loop()
+        from asyncio import get_running_loop  # only a queued async caller gets here
+
+        self.loop = get_running_loop()
         self.future: asyncio.Future[None] = self.loop.create_future()
         self.thread = threading.get_ident()
 

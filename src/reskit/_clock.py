@@ -7,11 +7,13 @@ calls ``_clock.now()`` through the module (not a bound alias) for that reason.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["TimerHandle", "asleep", "call_at", "install", "now", "sleep", "wait", "wait_until"]
 
@@ -40,7 +42,11 @@ class _RealClock:
     sleep = staticmethod(time.sleep)
 
     async def asleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+        # Imported here: only code running an event loop sleeps this way, and it has
+        # asyncio imported already (``import reskit`` does not import it).
+        from asyncio import sleep
+
+        await sleep(seconds)
 
     def wait(self, event: threading.Event, timeout: float | None) -> bool:
         return event.wait(timeout)

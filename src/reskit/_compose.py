@@ -27,10 +27,10 @@ code. Compiled code is cached by source text and registered with
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import inspect
 import linecache
+import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
@@ -38,11 +38,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import trace as _otel_trace
-from opentelemetry.metrics import _internal as _otel_metrics
-
 from . import _clock, _telemetry
-from ._context import _deadline
+from ._context import _correlation_id, _deadline, new_correlation_id
 from ._errors import Rejected, TimeoutExceeded
 from ._observe import Observation, log_retry
 from ._order import ORDER, Role
@@ -132,6 +129,9 @@ class _Writer:
         self.depth = 0
         # A stream's gates hold their permits until it ends: (index, duration).
         self.held: list[tuple[int, str]] = []
+        # What a deadline TimeoutExceeded reports as its limit: the deadline layer's
+        # ``limit`` variable, or None when the policy only inherits a deadline.
+        self.limit = "None"
 
     def __call__(self, *lines: str) -> None:
         pad = "    " * self.depth
@@ -223,9 +223,11 @@ def _gate(w: _Writer, layer: _Layer, inner: _Inner) -> None:
 def _deadline_layer(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     w(
         "D = _clock.now() + DEADLINE",
+        "limit = DEADLINE",
         "outer = _deadline.get()",
         "if outer is not None and outer < D:",
         "    D = outer",
+        "    limit = None  # the caller's deadline is the tighter one",
         "dtoken = _deadline.set(D)",
     )
     if not w.kind.is_async:
@@ -244,7 +246,7 @@ def _deadline_layer(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     with w.block("try:"):
         inner()
     with w.block("except _CancelledError:"):
-        w("if _expired(own):", "    raise TIMED_OUT('deadline') from None", "raise")
+        w("if _expired(own):", "    raise TIMED_OUT('deadline', limit) from None", "raise")
     with w.block("except BaseException:"):
         w("if own.fired:", "    await _settle(own)", "raise")
     with w.block("finally:"):
@@ -267,6 +269,15 @@ def _retry(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     # In async code any strategy or hook may hand back an awaitable (a lambda around a
     # coroutine function), so async drivers always run the flow with arun_flow.
     run = "await _arun_flow" if w.kind.is_async else "_run_flow"
+    with w.block("try:"):
+        _retry_loop(w, retry, run, inner)
+    with w.block("finally:"):
+        # A correlation ID made for this call's retry events ends with the call.
+        w("if rcall is not None and rcall.cid_token is not None:")
+        w("    _correlation_id.reset(rcall.cid_token)")
+
+
+def _retry_loop(w: _Writer, retry: Retry, run: str, inner: _Inner) -> None:
     with w.block("while True:"):
         with w.block("try:"):
             inner()
@@ -290,7 +301,7 @@ def _attempt(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     w(
         "DL = _deadline.get()",
         "if DL is not None and _clock.now() >= DL:",
-        "    raise TIMED_OUT('deadline')",
+        f"    raise TIMED_OUT('deadline', {w.limit})",
     )
     w.obs("obs.attempts += 1")
     w("_counters.attempts += 1")
@@ -308,18 +319,19 @@ def _bounded(
     """
     w("now = _clock.now()")
     if timeout:
-        w("when = now + TIMEOUT", "kind = 'attempt'", "grain = TIMEOUT_GRAIN")
+        w("when = now + TIMEOUT", "kind = 'attempt'", "lim = TIMEOUT", "grain = TIMEOUT_GRAIN")
         if cap is not None:
             w(
                 f"if {cap} is not None and {cap} < when:",
                 f"    when = {cap}",
                 "    kind = 'deadline'",
+                f"    lim = {w.limit}",
             )
     else:
         assert cap is not None
-        w(f"when = {cap}", "kind = 'deadline'", "grain = DEADLINE_GRAIN")
+        w(f"when = {cap}", "kind = 'deadline'", f"lim = {w.limit}", "grain = DEADLINE_GRAIN")
     if check is not None:
-        w("if when <= now:", f"    {check}", "    raise TIMED_OUT(kind)")
+        w("if when <= now:", f"    {check}", "    raise TIMED_OUT(kind, lim)")
     w(
         "task = _current_task()",
         "expiry = _Expiry(task)",
@@ -329,7 +341,7 @@ def _bounded(
     with w.block("try:"):
         inner()
     with w.block("except _CancelledError:"):
-        w("if _expired(expiry):", "    raise TIMED_OUT(kind) from None", "raise")
+        w("if _expired(expiry):", "    raise TIMED_OUT(kind, lim) from None", "raise")
     with w.block("except BaseException:"):
         w("if expiry.fired:", "    await _settle(expiry)", "raise")
     with w.block("finally:"):
@@ -341,9 +353,10 @@ def _timeout(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     if w.kind is Kind.FUNCTION:
         # A thread cannot be interrupted: the attempt runs in a worker and the
         # caller stops waiting for it on time. The worker makes the call.
-        w("when = _clock.now() + TIMEOUT", "kind = 'attempt'")
+        w("when = _clock.now() + TIMEOUT", "kind = 'attempt'", "lim = TIMEOUT")
         w("if DL is not None and DL < when:", "    when = DL", "    kind = 'deadline'")
-        w("result = _run_in_worker(fn, args, kwargs, when, NAME, TIMED_OUT, kind)")
+        w(f"    lim = {w.limit}")
+        w("result = _run_in_worker(fn, args, kwargs, when, NAME, TIMED_OUT, kind, lim)")
         return
     assert w.kind.is_async, "timeout= on a sync generator is refused before compiling"
     _bounded(w, True, "DL", inner)
@@ -387,6 +400,8 @@ _WRITERS: dict[Role, Callable[[_Writer, _Layer, _Inner], None]] = {
 
 def _compose(w: _Writer, layers: list[_Layer]) -> None:
     """Write ``layers``, outermost first, around the call."""
+    if any(layer.writer is _deadline_layer for layer in layers):
+        w.limit = "limit"
 
     def write(position: int) -> None:
         if position == len(layers):
@@ -421,9 +436,14 @@ def _layers_of(policy: Policy, kind: Kind) -> list[_Layer]:
     return layers
 
 
+# "Nothing records": the test of _telemetry.quiet(), inlined where calls start.
+# OpenTelemetry is only looked at once somebody imported it.
 _QUIET = (
-    "_TRACE._TRACER_PROVIDER is None and _METER._METER_PROVIDER is None "
-    "and _tel._tp_override is None and _tel._mp_override is None"
+    "_tel._tp_override is None and _tel._mp_override is None"
+    " and ('opentelemetry.trace' not in _modules"
+    " or _modules['opentelemetry.trace']._TRACER_PROVIDER is None)"
+    " and ('opentelemetry.metrics._internal' not in _modules"
+    " or _modules['opentelemetry.metrics._internal']._METER_PROVIDER is None)"
 )
 
 
@@ -563,7 +583,7 @@ def _stream_driver(kind: Kind, layers: list[_Layer], policy: Policy) -> list[str
                     w(
                         "if D is not None and _clock.now() >= D:",
                         f"    {close}",
-                        "    raise TIMED_OUT('deadline')",
+                        f"    raise TIMED_OUT('deadline', {w.limit})",
                     )
                 if is_async:
                     advance = "aw = it.asend(sent) if thrown is None else it.athrow(thrown)"
@@ -683,20 +703,17 @@ def _code(source: str) -> types.CodeType:
     return code
 
 
-def _timed_out(name: str, timeout: float | None, deadline: float | None) -> Any:
-    def timed_out(kind: str = "deadline") -> TimeoutExceeded:
-        """``timeout`` is the limit that fired: the attempt timeout, or this policy's
+def _timed_out(name: str) -> Callable[[str, float | None], TimeoutExceeded]:
+    def timed_out(kind: str, limit: float | None) -> TimeoutExceeded:
+        """``limit`` is the limit that fired: the attempt timeout, or this policy's
         deadline (``None`` when the deadline was inherited from an outer policy)."""
         if kind == "attempt":
-            return TimeoutExceeded(
-                f"policy {name!r}: attempt timed out after {timeout}s",
-                policy=name,
-                timeout=timeout,
-                kind=kind,
-            )
-        return TimeoutExceeded(
-            f"policy {name!r}: deadline exceeded", policy=name, timeout=deadline, kind=kind
-        )
+            message = f"policy {name!r}: attempt timed out after {limit}s"
+        elif limit is None:
+            message = f"policy {name!r}: deadline exceeded (the caller's deadline)"
+        else:
+            message = f"policy {name!r}: deadline exceeded ({limit}s)"
+        return TimeoutExceeded(message, policy=name, timeout=limit, kind=kind)
 
     return timed_out
 
@@ -715,6 +732,10 @@ def _decider(name: str, counters: Counters) -> Callable[..., Flow[float | None]]
         counters.retries += 1
         if obs is not None:
             obs.retry(rcall.attempt, delay, exc, result)
+        if rcall.cid_token is None and _correlation_id.get() is None:
+            # Every event carries a correlation ID: one made for this call, current
+            # until it ends, so its later events (a breaker opening) carry it too.
+            rcall.cid_token = _correlation_id.set(new_correlation_id())
         log_retry(name, rcall.attempt, delay, exc, result)
         return delay
 
@@ -741,17 +762,15 @@ _HELPERS: dict[str, Any] = {
     "_wheel_for": wheel_for,
     "_expired": expired,
     "_settle": settle,
-    "_current_task": asyncio.current_task,
-    "_CancelledError": asyncio.CancelledError,
     "_isawaitable": inspect.isawaitable,
     "_run_flow": run_flow,
     "_arun_flow": arun_flow,
     "_RetryCall": RetryCall,
     "_Observation": Observation,
     "_sink": _telemetry.sink,
-    "_TRACE": _otel_trace,
-    "_METER": _otel_metrics,
     "_tel": _telemetry,
+    "_modules": sys.modules,
+    "_correlation_id": _correlation_id,
     "_NO_FALLBACK": _NO_FALLBACK,
     "_NOT_HELD": _NOT_HELD,
     "_Rejected": Rejected,
@@ -765,12 +784,17 @@ def compile_driver(runner: Runner, policy: Policy, kind: Kind) -> dict[str, Any]
     code = _code(_source(policy, kind))
     name = runner.name
     namespace: dict[str, Any] = dict(_HELPERS)
+    if kind.is_async:
+        # Only async drivers need asyncio; an application with async code has it already.
+        import asyncio
+
+        namespace.update(_current_task=asyncio.current_task, _CancelledError=asyncio.CancelledError)
     namespace.update(
         NAME=name,
         RUNNER=runner,
         _counters=runner.counters,
         _rejected=runner.counters.rejected,
-        TIMED_OUT=_timed_out(name, policy.timeout, policy.deadline),
+        TIMED_OUT=_timed_out(name),
         _decide=_decider(name, runner.counters),
     )
     if policy.timeout is not None:

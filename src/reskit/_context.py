@@ -7,13 +7,13 @@ threads) through sync timeouts, and never leak from one request to the next.
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-
-import structlog
 
 from . import _clock
 
@@ -29,7 +29,13 @@ __all__ = [
 #: What a correlation ID received from outside must look like to be trusted.
 CORRELATION_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
-_random_bits = random.getrandbits
+# IDs come from a generator of their own: drawing from the global one would shift
+# an application's seeded random sequence (a test's jitter) whenever reskit made
+# an ID. A forked child reseeds it, or parent and child would make the same IDs.
+_ids = random.Random()
+_random_bits = _ids.getrandbits
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.seed)
 _correlation_id: ContextVar[str | None] = ContextVar("reskit_correlation_id", default=None)
 # Absolute time on reskit's monotonic clock by which the current call must end.
 _deadline: ContextVar[float | None] = ContextVar("reskit_deadline", default=None)
@@ -84,11 +90,15 @@ def bind_correlation_id(value: str | None = None) -> Iterator[str]:
             "generate one with reskit.new_correlation_id() instead of passing this value"
         )
     token = _correlation_id.set(value)
-    log_tokens = structlog.contextvars.bind_contextvars(correlation_id=value)
+    # Only an application that uses structlog has imported it; reskit does not.
+    structlog = sys.modules.get("structlog")
+    log_tokens = structlog.contextvars.bind_contextvars(correlation_id=value) if structlog else None
     try:
         yield value
     finally:
-        structlog.contextvars.reset_contextvars(**log_tokens)
+        if log_tokens is not None:
+            assert structlog is not None
+            structlog.contextvars.reset_contextvars(**log_tokens)
         _correlation_id.reset(token)
 
 

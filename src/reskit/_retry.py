@@ -620,7 +620,17 @@ class RetryCall:
     so a result returned after the last attempt can be reported as a failure.
     """
 
-    __slots__ = ("_call", "_state", "asked", "attempt", "policy", "retry", "slept", "started")
+    __slots__ = (
+        "_call",
+        "_state",
+        "asked",
+        "attempt",
+        "cid_token",
+        "policy",
+        "retry",
+        "slept",
+        "started",
+    )
 
     def __init__(
         self,
@@ -638,6 +648,8 @@ class RetryCall:
         self.attempt = 1
         self.slept = 0.0
         self.asked = False
+        # A correlation ID the engine made for this call's events, reset when it ends.
+        self.cid_token: Any = None
         self._state: tenacity.RetryCallState | None = None
 
     def _tenacity_state(

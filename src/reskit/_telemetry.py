@@ -1,42 +1,153 @@
-"""OpenTelemetry and structlog plumbing, cheap when nothing records.
+"""OpenTelemetry, logging and structlog plumbing: cheap when nothing records, never in the way.
 
-reskit depends on ``opentelemetry-api`` only. With no SDK configured the API's
-proxy tracer still costs microseconds a span, so every protected call first
-asks :func:`sink` whether anything records; when nothing does, it gets ``None``
-and skips spans and metrics entirely. The check reads the API's global provider
-slots directly (two attribute loads) instead of calling
-``get_tracer_provider()``, which costs about 0.9 µs because it consults
-``os.environ`` on every call. When a provider is configured later, the next
-call notices and starts recording: nothing has to be re-decorated.
+Three rules, from the project's principles:
+
+- **Nothing records unless the application asked.** reskit depends on
+  ``opentelemetry-api`` but never imports it on its own: an application that
+  configured a tracer or meter provider has imported it, so the hot path
+  looks in ``sys.modules`` and at the API's global provider slots (a few
+  attribute reads) and, when nothing is set, skips spans and metrics entirely.
+  A provider configured later is noticed by the next call. Log events go to the
+  stdlib logger ``reskit`` (which has a ``NullHandler``, so it is silent until
+  the application configures logging), or through structlog when the
+  application configured structlog.
+- **Telemetry never changes a call's outcome.** Every call into OpenTelemetry,
+  logging, structlog, listeners and hooks goes through :func:`guard` (or an
+  equivalent ``try``), and a failure is reported through :func:`report`: once
+  per kind of failure a minute, on the stdlib logger, never raised.
+- **State first, telemetry after.** Callers change reskit's own state (probe
+  slots, permits, context tokens) before, or in ``finally`` blocks around, the
+  telemetry calls that describe it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
-
-import structlog
-from opentelemetry import metrics as _otel_metrics
-from opentelemetry import trace as _otel_trace
-from opentelemetry.metrics import _internal as _otel_metrics_internal
-from opentelemetry.trace import NoOpTracerProvider, Tracer
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Counter, Histogram, Meter, MeterProvider
-    from opentelemetry.trace import TracerProvider
+    from opentelemetry.trace import Span, Tracer, TracerProvider
 
-__all__ = ["LiveGauge", "SpanCapture", "Sink", "configure_telemetry", "log", "sink"]
+__all__ = [
+    "LiveGauge",
+    "SpanCapture",
+    "Sink",
+    "configure_telemetry",
+    "current_span",
+    "emit",
+    "guard",
+    "report",
+    "sink",
+]
 
 _INSTRUMENTATION = "reskit"
+_modules = sys.modules
+_TRACE = "opentelemetry.trace"
+_METRICS = "opentelemetry.metrics._internal"
 
-#: structlog logger for reskit's events (``reskit.retry.scheduled``, ...).
-log = structlog.get_logger(_INSTRUMENTATION)
-_stdlib_log = logging.getLogger(_INSTRUMENTATION)
+#: The stdlib logger of every reskit event and of reskit's own failure reports.
+logger = logging.getLogger(_INSTRUMENTATION)
+# The library convention: silent unless the application configures logging (and
+# without it, logging's "last resort" handler would print warnings to stderr).
+logger.addHandler(logging.NullHandler())
+
+# -- reporting failures of telemetry ----------------------------------------------------
+
+#: Seconds between two reports of the same kind of failure.
+REPORT_INTERVAL = 60.0
+_reported: dict[str, float] = {}
+_reporting = threading.local()
+
+
+def report(what: str, exc: BaseException) -> None:
+    """Report that ``what`` raised ``exc``, once a minute per ``what``; never raises.
+
+    Real time, not reskit's clock: a fake clock in a test must not change how
+    often a broken exporter is reported.
+    """
+    if getattr(_reporting, "active", False):
+        return  # the report itself failed (the log handler is what is broken)
+    now = time.monotonic()
+    last = _reported.get(what)
+    if last is not None and now - last < REPORT_INTERVAL:
+        return
+    _reported[what] = now
+    _reporting.active = True
+    try:
+        logger.error(
+            "reskit: %s raised %s; the protected call went on without it "
+            "(reported at most once a minute)",
+            what,
+            _safe_repr(exc),
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+    except Exception:  # the last resort: nothing is left to report to
+        pass
+    finally:
+        _reporting.active = False
+
+
+def guard(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn``; if it raises an ``Exception``, report it and return ``None``."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        report(what, exc)
+        return None
+
+
+def _safe_repr(value: object) -> str:
+    """``repr(value)``, or a stand-in when its ``__repr__`` raises."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"<{type(value).__qualname__} object (its __repr__ raised)>"
+
+
+def safe_str(value: object) -> str:
+    """``str(value)``, or a stand-in when its ``__str__`` raises."""
+    try:
+        return str(value)
+    except Exception:
+        return f"<{type(value).__qualname__} object (its __str__ raised)>"
+
+
+safe_repr = _safe_repr
+
+# -- log events ---------------------------------------------------------------------------
+
+_LEVEL_METHODS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
+
+
+def emit(level: int, event: str, /, **fields: Any) -> None:
+    """Emit a log event: through structlog if the application configured it, else stdlib.
+
+    The stdlib record's message is ``event key=value ...``, and every field is
+    also an attribute of the record (``%(correlation_id)s`` works in a format).
+    Never raises: a failing sink (a closed stdout pipe, a full disk) is reported
+    with :func:`report`.
+    """
+    try:
+        structlog = _modules.get("structlog")
+        if structlog is not None and structlog.is_configured():
+            getattr(structlog.get_logger(_INSTRUMENTATION), _LEVEL_METHODS[level])(event, **fields)
+        elif logger.isEnabledFor(level):
+            text = " ".join(f"{key}={value!r}" for key, value in fields.items())
+            logger.log(level, "%s %s", event, text, extra={"event": event, **fields})
+    except Exception as exc:
+        report(f"the log sink (event {event})", exc)
+
+
+# -- what records calls --------------------------------------------------------------------
 
 
 class Sink:
@@ -67,26 +178,70 @@ _seen_mp: object = None
 _sink: Sink | None = None
 
 
+def _global_providers() -> tuple[object, object]:
+    """The API's global providers, without importing the API when nobody has."""
+    trace = _modules.get(_TRACE)
+    metrics = _modules.get(_METRICS)
+    tp = trace._TRACER_PROVIDER if trace is not None else None
+    mp = metrics._METER_PROVIDER if metrics is not None else None
+    return tp, mp
+
+
+def quiet() -> bool:
+    """Whether nothing records now (the drivers inline this test)."""
+    if _tp_override is not None or _mp_override is not None:
+        return False
+    trace = _modules.get(_TRACE)
+    if trace is not None and trace._TRACER_PROVIDER is not None:
+        return False
+    metrics = _modules.get(_METRICS)
+    return metrics is None or metrics._METER_PROVIDER is None
+
+
 def sink() -> Sink | None:
     """Return what records calls now, or ``None`` when nothing does."""
-    tp = _tp_override or _otel_trace._TRACER_PROVIDER
-    mp = _mp_override or _otel_metrics_internal._METER_PROVIDER
+    tp, mp = _global_providers()
+    tp = _tp_override or tp
+    mp = _mp_override or mp
     if tp is _seen_tp and mp is _seen_mp:
         return _sink
     return _refresh(tp, mp)
 
 
-def _refresh(tp: object, mp: object) -> Sink | None:
+def _refresh(tp: Any, mp: Any) -> Sink | None:
     global _seen_tp, _seen_mp, _sink
     tracer: Tracer | None = None
-    if tp is not None and not isinstance(tp, NoOpTracerProvider):
-        tracer = tp.get_tracer(_INSTRUMENTATION, _version())  # type: ignore[attr-defined]
     meter: Meter | None = None
-    if mp is not None and not isinstance(mp, _otel_metrics.NoOpMeterProvider):
-        meter = mp.get_meter(_INSTRUMENTATION, _version())  # type: ignore[attr-defined]
-    _sink = Sink(tracer, meter) if tracer is not None or meter is not None else None
-    _seen_tp, _seen_mp = tp, mp
-    return _sink
+    new: Sink | None = None
+    try:
+        from opentelemetry import metrics as otel_metrics
+        from opentelemetry.trace import NoOpTracerProvider
+
+        if tp is not None and not isinstance(tp, NoOpTracerProvider):
+            tracer = tp.get_tracer(_INSTRUMENTATION, _version())
+        if mp is not None and not isinstance(mp, otel_metrics.NoOpMeterProvider):
+            meter = mp.get_meter(_INSTRUMENTATION, _version())
+        new = Sink(tracer, meter) if tracer is not None or meter is not None else None
+    except Exception as exc:  # a provider that cannot hand out a tracer or meter
+        report("the OpenTelemetry provider", exc)
+        new = None
+    _sink, _seen_tp, _seen_mp = new, tp, mp
+    if meter is not None:
+        LiveGauge.ensure_all()
+    return new
+
+
+def current_span() -> Span | None:
+    """The current span if it records, else ``None`` (never imports the API)."""
+    trace = _modules.get(_TRACE)
+    if trace is None:
+        return None
+    try:
+        span = trace.get_current_span()
+        return span if span.is_recording() else None
+    except Exception as exc:
+        report("the OpenTelemetry context", exc)
+        return None
 
 
 def _version() -> str:
@@ -137,14 +292,20 @@ def configure_telemetry(
     return _RestoreTelemetry(previous)
 
 
+# -- gauges over live objects -----------------------------------------------------------------
+
+
 class LiveGauge:
     """An observable gauge reporting one value per live object (breakers, bulkheads).
 
-    Objects are held weakly. The gauge is created once on the global meter (the
-    API's proxy forwards it to a provider configured later) and once on every
-    provider given to :func:`configure_telemetry`, the first time
-    :meth:`ensure` runs while that provider is in force.
+    Objects are held weakly. The gauge is created on the global meter (the
+    API's proxy forwards it to a provider configured later) and on every
+    provider given to :func:`configure_telemetry`, the first time :meth:`ensure`
+    runs while that provider is in force, and only once the application has
+    imported OpenTelemetry's metrics API.
     """
+
+    _all: ClassVar[weakref.WeakSet[LiveGauge]] = weakref.WeakSet()
 
     def __init__(
         self,
@@ -163,6 +324,12 @@ class LiveGauge:
         self._live: weakref.WeakSet[Any] = weakref.WeakSet()
         self._on_global = False
         self._providers: weakref.WeakSet[Any] = weakref.WeakSet()
+        LiveGauge._all.add(self)
+
+    @classmethod
+    def ensure_all(cls) -> None:
+        for gauge in list(cls._all):
+            gauge.ensure()
 
     def track(self, obj: object) -> None:
         """Report ``obj`` from now on, for as long as it lives."""
@@ -175,13 +342,20 @@ class LiveGauge:
         override = _mp_override
         if self._on_global and (override is None or override in self._providers):
             return
-        with self._lock:
-            if not self._on_global:
-                self._register(_otel_metrics.get_meter(_INSTRUMENTATION))
-                self._on_global = True
-            if override is not None and override not in self._providers:
-                self._register(override.get_meter(_INSTRUMENTATION))
-                self._providers.add(override)
+        if override is None and _METRICS not in _modules:
+            return  # nobody imported the metrics API: nothing can collect a gauge yet
+        try:
+            from opentelemetry import metrics as otel_metrics
+
+            with self._lock:
+                if not self._on_global:
+                    self._register(otel_metrics.get_meter(_INSTRUMENTATION))
+                    self._on_global = True
+                if override is not None and override not in self._providers:
+                    self._register(override.get_meter(_INSTRUMENTATION))
+                    self._providers.add(override)
+        except Exception as exc:
+            report(f"the OpenTelemetry meter (gauge {self.name})", exc)
 
     def _register(self, meter: Meter) -> None:
         meter.create_observable_gauge(
@@ -189,22 +363,23 @@ class LiveGauge:
         )
 
     def _callback(self, options: Any) -> Iterable[Any]:
+        from opentelemetry.metrics import Observation
+
         with self._lock:
             live = list(self._live)
         points = []
         for obj in live:
-            point = self._observe(obj)
+            try:
+                point = self._observe(obj)
+            except Exception as exc:
+                report(f"the {self.name} gauge", exc)
+                continue
             if point is not None:
-                points.append(_otel_metrics.Observation(*point))
+                points.append(Observation(*point))
         return points
 
 
-def failsafe(what: str, fn: Any, *args: Any) -> None:
-    """Run a telemetry or listener hook; record and swallow what it raises."""
-    try:
-        fn(*args)
-    except Exception:
-        _stdlib_log.exception("reskit: %s raised; ignored", what)
+# -- testing --------------------------------------------------------------------------------------
 
 
 class SpanCapture:
@@ -299,7 +474,12 @@ def capture_spans() -> Iterator[SpanCapture]:
         yield capture
 
 
-# Honour OTEL_PYTHON_TRACER_PROVIDER / OTEL_PYTHON_METER_PROVIDER: the API only
-# loads them inside these getters, which the hot path deliberately never calls.
-_otel_trace.get_tracer_provider()
-_otel_metrics.get_meter_provider()
+# Honour OTEL_PYTHON_TRACER_PROVIDER / OTEL_PYTHON_METER_PROVIDER: the API loads
+# them only inside its getters, which the hot path never calls. Only then is the
+# API imported here.
+if os.environ.get("OTEL_PYTHON_TRACER_PROVIDER") or os.environ.get("OTEL_PYTHON_METER_PROVIDER"):
+    from opentelemetry import metrics as _otel_metrics
+    from opentelemetry import trace as _otel_trace
+
+    _otel_trace.get_tracer_provider()
+    _otel_metrics.get_meter_provider()

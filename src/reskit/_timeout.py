@@ -17,22 +17,31 @@ Sync
     worker thread and stops *waiting* for it on time. The abandoned attempt runs
     on to completion in its thread; its result is discarded. Workers are pooled
     and reused, and a new one is started whenever none is idle, so hung
-    attempts can never starve later calls.
+    attempts can never starve later calls. The ``reskit.timeout.abandoned``
+    gauge counts the abandoned attempts still running. The pool is reset in a
+    child process after ``os.fork()``: the child has none of its threads.
+
+Nothing here imports asyncio: async drivers hand in their task, and only
+:func:`settle` (which runs in an event loop) needs the module.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import itertools
 import math
+import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import _clock
+from . import _clock, _telemetry
 from ._context import _deadline
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["Expiry", "grain_for", "run_in_worker", "wheel_for"]
 
@@ -144,6 +153,7 @@ async def settle(expiry: Expiry) -> None:
     of reskit's that fired at the same moment is left to that layer, which
     settles it the same way, so a ready result survives both.
     """
+    asyncio = sys.modules["asyncio"]  # imported by whoever runs the event loop
     try:
         await asyncio.sleep(0)
     except asyncio.CancelledError:
@@ -169,9 +179,11 @@ def expired(expiry: Expiry) -> bool:
 
 class _Job:
     __slots__ = (
+        "abandoned",
         "args",
         "context",
         "done",
+        "ended",
         "error",
         "finished_at",
         "fn",
@@ -196,6 +208,9 @@ class _Job:
         self.error: BaseException | None = None
         self.finished_at = 0.0
         self.thread = ""
+        # Both set under the pool's lock: the caller gave up on it, the worker finished it.
+        self.abandoned = False
+        self.ended = False
 
     def run(self) -> None:
         self.thread = threading.current_thread().name
@@ -224,6 +239,8 @@ class _WorkerPool:
         self._lock = threading.Lock()
         self._idle: list[tuple[_Worker, threading.Condition]] = []
         self._names = itertools.count(1)
+        #: Abandoned attempts still running (the reskit.timeout.abandoned gauge).
+        self.abandoned = 0
 
     def submit(self, job: _Job) -> None:
         with self._lock:
@@ -245,6 +262,12 @@ class _WorkerPool:
         worker.thread = thread
         thread.start()
 
+    def abandon(self, job: _Job) -> None:
+        with self._lock:
+            if not job.ended:
+                job.abandoned = True
+                self.abandoned += 1
+
     def _work(self, worker: _Worker, cond: threading.Condition) -> None:
         while True:
             with cond:
@@ -264,10 +287,29 @@ class _WorkerPool:
                         continue  # a job was handed to us as we timed out
                 return
             job.run()
+            with self._lock:
+                job.ended = True
+                if job.abandoned:
+                    self.abandoned -= 1
             del job
 
 
 _POOL = _WorkerPool()
+
+
+def _reset_after_fork() -> None:
+    # The child has only the thread that forked: none of the pool's workers, and
+    # locks that another thread may have held at the fork. Start afresh.
+    global _POOL, _last_wheel, _wheels_lock
+    _POOL = _WorkerPool()
+    _wheels_lock = threading.Lock()
+    _wheels.clear()
+    _unresolved.clear()
+    _last_wheel = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def run_in_worker(
@@ -276,13 +318,15 @@ def run_in_worker(
     kwargs: dict[str, Any],
     attempt_deadline: float,
     policy: str,
-    timed_out: Callable[[str], BaseException],
+    timed_out: Callable[[str, float | None], BaseException],
     kind: str,
+    limit: float | None,
 ) -> Any:
     """Run ``fn`` in a worker thread and wait for it until ``attempt_deadline``.
 
     The worker sees a copy of the caller's context (correlation ID, span,
-    deadline) with the deadline tightened to ``attempt_deadline``.
+    deadline) with the deadline tightened to ``attempt_deadline``. On time out,
+    raises ``timed_out(kind, limit)``.
     """
     context = contextvars.copy_context()
     context.run(_deadline.set, attempt_deadline)
@@ -295,21 +339,44 @@ def run_in_worker(
     if job.done.is_set() and job.finished_at <= attempt_deadline:
         error = job.error
         if error is not None:
+            # The job holds the error, and the error's traceback holds the job's
+            # run() frame, which holds the job: break that cycle before raising.
+            job.error = None
             try:
                 raise error
             finally:
                 del error, job
         return job.result
+    _POOL.abandon(job)
     abandoned(job, policy)
-    raise timed_out(kind)
+    raise timed_out(kind, limit)
 
 
 def abandoned(job: _Job, policy: str) -> None:
-    from opentelemetry import trace
-
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.add_event(
+    span = _telemetry.current_span()
+    if span is not None:
+        _telemetry.guard(
+            "the OpenTelemetry span (a timeout event)",
+            span.add_event,
             "reskit.timeout.abandoned",
             {"reskit.policy": policy, "reskit.thread": job.thread},
         )
+
+
+class _Abandoned:
+    """The one object the abandoned-attempts gauge observes: the current pool."""
+
+    __slots__ = ("__weakref__",)
+
+
+_ABANDONED = _Abandoned()
+_GAUGE = _telemetry.LiveGauge(
+    "reskit.timeout.abandoned",
+    unit="{attempt}",
+    description=(
+        "Sync attempts abandoned by a timeout whose worker thread still runs; rising "
+        "without bound means a dependency hangs and threads pile up"
+    ),
+    observe=lambda _: (_POOL.abandoned, {}),
+)
+_GAUGE.track(_ABANDONED)

@@ -337,11 +337,6 @@ def _arrivals(
     return out
 
 
-def _exported(name: str) -> Any:
-    """``reskit.<name>``, or ``None`` while this reskit does not export it."""
-    return getattr(reskit, name, None)
-
-
 def _jitter(seed: int, name: str) -> random.Random:
     return random.Random(f"{seed}/{name}/jitter")
 
@@ -437,12 +432,11 @@ def _ledger(seed: int, calls: int, concurrency: int) -> Scene:
 
 
 def _recommendations(seed: int, calls: int, concurrency: int) -> Scene:
-    breaker_cls = _exported("CircuitBreaker")
     name = "recommendations"
     profile = Profile(
         median=0.025, ceiling=0.06, error_rate=0.02, spike_rate=0.01, outage=(0.35, 0.6)
     )
-    breaker = breaker_cls(fail_max=5, reset_timeout=0.4, name=name)
+    breaker = reskit.CircuitBreaker(fail_max=5, reset_timeout=0.4, name=name)
     policy = Policy(
         name,
         timeout=0.1,
@@ -474,11 +468,12 @@ def _recommendations(seed: int, calls: int, concurrency: int) -> Scene:
 
 
 def _search(seed: int, calls: int, concurrency: int) -> Scene:
-    bulkhead_cls = _exported("Bulkhead")
     name = "search"
     slots = max(1, concurrency // 4)
     profile = Profile(median=0.025, ceiling=0.06, error_rate=0.01, spike_rate=0.0)
-    bulkhead = bulkhead_cls(max_concurrent=slots, max_waiting=slots, wait_timeout=0.02, name=name)
+    bulkhead = reskit.Bulkhead(
+        max_concurrent=slots, max_waiting=slots, wait_timeout=0.02, name=name
+    )
     policy = Policy(name, timeout=0.1, bulkhead=bulkhead)
 
     def status() -> str:
@@ -499,32 +494,25 @@ def _search(seed: int, calls: int, concurrency: int) -> Scene:
     )
 
 
-# Each builder with the public name it needs. A scene whose strategy this
-# reskit does not export is left out, so the demo grows with the library
-# without being edited.
-_SCENES: tuple[tuple[Callable[[int, int, int], Scene], str | None], ...] = (
-    (_payments, None),
-    (_inventory, None),
-    (_ledger, None),
-    (_recommendations, "CircuitBreaker"),
-    (_search, "Bulkhead"),
+_SCENES: tuple[Callable[[int, int, int], Scene], ...] = (
+    _payments,
+    _inventory,
+    _ledger,
+    _recommendations,
+    _search,
 )
 
 
 def build_scenes(calls: int, seed: int, concurrency: int) -> list[Scene]:
     """The scenes of a run, sharing ``calls`` between them as evenly as possible.
 
-    A scene whose strategy is missing from ``reskit``, or that would get no
-    call, is left out.
+    A scene that would get no call is left out.
 
     .. versionadded:: 0.1.0
     """
-    builders = [
-        builder for builder, needs in _SCENES if needs is None or _exported(needs) is not None
-    ]
-    share, extra = divmod(calls, len(builders))
+    share, extra = divmod(calls, len(_SCENES))
     scenes: list[Scene] = []
-    for i, builder in enumerate(builders):
+    for i, builder in enumerate(_SCENES):
         n = share + (1 if i < extra else 0)
         if n:
             scenes.append(builder(seed, n, concurrency))
