@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-import reskit
 from reskit.cli import _demo, main
 
 OUTCOMES = ("success", "fallback", "rejected", "failure")

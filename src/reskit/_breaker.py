@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from tenacity._utils import is_coroutine_callable
 
-from . import _clock, _telemetry
+from . import _clock, _fork, _telemetry
 from ._config import seconds, setting
 from ._context import _correlation_id, new_correlation_id
 from ._errors import CircuitOpen, Rejected
@@ -518,6 +518,14 @@ class CircuitBreaker:
         self._set_listeners(listeners)
 
         _GAUGE.track(self)
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
+        # In a forked child: the lock may have been held by a thread that is gone,
+        # and so may every half-open probe slot. A probe of the forking thread
+        # itself is then simply not recorded.
+        self._lock = threading.Lock()
+        self._probes.clear()
 
     # -- configuration ------------------------------------------------------
     def _uses_window(self) -> bool:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from . import _clock, _telemetry
+from . import _clock, _fork, _telemetry
 from ._adaptive import AdaptiveLimit
 from ._config import seconds, setting
 from ._context import remaining_deadline
@@ -310,6 +310,22 @@ class Bulkhead:
         self._seq = 0
         self._mean_duration = -1.0
         _GAUGE.track(self)
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
+        # In a forked child only the forking thread exists: the slots other threads
+        # held would never come back and their waiters never wake. Start empty; a
+        # slot the forking thread itself held is given back to the old partition
+        # object, which nothing uses any more.
+        self._lock = threading.Lock()
+        self._default = _Partition(None, self._max_concurrent)
+        self._partitions = {}
+        self._spare = []
+        self._queued = {}
+        self._in_flight = 0
+        self._waiting = 0
+        if self._adaptive is not None:
+            self._global_cap = self._adaptive.current
 
     # -- introspection -------------------------------------------------------
     @property

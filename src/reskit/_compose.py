@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import inspect
 import linecache
+import os
 import sys
 import threading
 import types
@@ -677,6 +678,15 @@ def _check(policy: Policy, kind: Kind) -> None:
 
 _code_lock = threading.Lock()
 _codes: dict[str, types.CodeType] = {}
+
+
+def _renew_code_lock() -> None:
+    global _code_lock
+    _code_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_code_lock)
 
 
 def _source(policy: Policy, kind: Kind) -> str:

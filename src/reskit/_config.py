@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import threading
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -39,6 +40,14 @@ class _Config:
 
 
 CONFIG = _Config()
+
+
+def _renew_config_lock() -> None:
+    CONFIG.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_config_lock)
 
 
 def set_testing(testing: bool, *, attempts: int = 1, cap: bool = False) -> _RestoreTesting:

@@ -19,7 +19,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from . import _clock
+from . import _clock, _fork
 from ._compose import Kind, compile_driver, kind_of
 from ._config import Frozen, seconds
 from ._fallback import Fallback
@@ -54,6 +54,7 @@ class Runner:
     """A policy compiled under one name: its drivers, made on first use per kind."""
 
     __slots__ = (
+        "__weakref__",
         "_drivers",
         "_lock",
         "_metric_attributes",
@@ -73,12 +74,16 @@ class Runner:
         self._metric_attributes: dict[str, dict[str, str]] = {}
         self._drivers: dict[Kind, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        _fork.track(self)
         # Unnamed strategies take the name of the first policy that compiles them,
         # so their log events and gauges say whose they are.
         if policy.breaker is not None:
             policy.breaker._adopt_name(name)
         if policy.bulkhead is not None and policy.bulkhead._name is None:
             policy.bulkhead._name = name
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def driver(self, kind: Kind) -> dict[str, Any]:
         drivers = self._drivers.get(kind)
@@ -214,7 +219,11 @@ class Policy(Frozen):
         init(self, "_counters", Counters())
         init(self, "_runners", {})
         init(self, "_runners_lock", threading.Lock())
+        _fork.track(self)
         init(self, "_runner", Runner(self, name) if name is not None else None)
+
+    def _after_fork(self) -> None:
+        object.__setattr__(self, "_runners_lock", threading.Lock())
 
     def __copy__(self) -> Policy:
         # Immutable, like a tuple: a copy is the policy itself (replace() makes a new one).

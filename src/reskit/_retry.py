@@ -29,7 +29,7 @@ from tenacity.retry import retry_base
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from . import _clock
+from . import _clock, _fork
 from ._config import CONFIG, Frozen, seconds, setting
 from ._errors import CircuitOpen, Rejected, RetryBudgetExhausted, TimeoutExceeded
 
@@ -131,6 +131,7 @@ class RetryBudget:
     """
 
     __slots__ = (
+        "__weakref__",
         "_buckets",
         "_calls",
         "_lock",
@@ -179,6 +180,10 @@ class RetryBudget:
         self._total_calls = 0
         self._total_retries = 0
         self._second: int | None = None
+        self._lock = threading.Lock()
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
         self._lock = threading.Lock()
 
     def _rotate(self) -> int:

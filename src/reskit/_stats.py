@@ -10,7 +10,6 @@ increments under contention.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -68,15 +67,12 @@ class Tally:
 class Tallies(dict[str | None, Tally]):
     """Rejections by gate label; a label's tally is made on its first rejection."""
 
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._lock = threading.Lock()
+    __slots__ = ()
 
     def __missing__(self, label: str | None) -> Tally:
-        with self._lock:
-            return self.setdefault(label, Tally())
+        # setdefault is one atomic operation: two threads making the same label's
+        # tally both get the one that was stored first.
+        return self.setdefault(label, Tally())
 
 
 class Counters:

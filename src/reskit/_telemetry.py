@@ -325,6 +325,12 @@ class LiveGauge:
         self._on_global = False
         self._providers: weakref.WeakSet[Any] = weakref.WeakSet()
         LiveGauge._all.add(self)
+        from . import _fork
+
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     @classmethod
     def ensure_all(cls) -> None:

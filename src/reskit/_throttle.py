@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from . import _clock
+from . import _clock, _fork
 from ._config import seconds, setting
 from ._errors import Throttled
 
@@ -86,6 +86,7 @@ class AdaptiveThrottle:
     """
 
     __slots__ = (
+        "__weakref__",
         "_accepts",
         "_buckets",
         "_k",
@@ -159,6 +160,10 @@ class AdaptiveThrottle:
         self._buckets: deque[_Bucket] = deque()
         self._requests = 0
         self._accepts = 0
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     # -- the gate protocol -------------------------------------------------------
     def admit(
