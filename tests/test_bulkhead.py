@@ -234,7 +234,7 @@ def test_stress_threads_and_tasks_share_one_bulkhead() -> None:
     assert errors == []
     assert peak.peak <= 3
     assert (bulkhead.in_flight, bulkhead.waiting) == (0, 0)
-    assert len(bulkhead._default.free) == 3
+    assert bulkhead._default.available() == 3
 
 
 class HookedTokens(list[None]):

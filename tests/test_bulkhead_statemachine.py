@@ -245,7 +245,7 @@ class BulkheadMachine(RuleBasedStateMachine):
             part = b._default if key is None else b._partitions.get(key)
             if busy or m.queue(key):
                 assert part is not None
-                assert b.max_concurrent - len(part.free) == busy
+                assert b.max_concurrent - part.available() == busy
                 assert len(part.waiters) == len(m.queue(key))
 
 

@@ -36,6 +36,7 @@ from tenacity._utils import is_coroutine_callable
 
 from . import _clock, _fork, _telemetry
 from ._config import seconds, setting
+from ._config import window_seconds as check_window
 from ._context import _correlation_id, new_correlation_id
 from ._errors import CircuitOpen, Rejected
 
@@ -161,12 +162,17 @@ _F_SLOW: Final = 2
 
 
 class _CountWindow:
-    """The outcomes of the last ``size`` calls, with running totals."""
+    """The outcomes of the last ``size`` calls, with running totals.
 
-    __slots__ = ("_pos", "_ring", "calls", "failures", "slow")
+    The ring fills as calls come (memory follows use, not ``window``), then
+    wraps: the oldest outcome is overwritten.
+    """
+
+    __slots__ = ("_pos", "_ring", "_size", "calls", "failures", "slow")
 
     def __init__(self, size: int) -> None:
-        self._ring = bytearray(size)
+        self._ring = bytearray()
+        self._size = size
         self._pos = 0
         self.calls = 0
         self.failures = 0
@@ -174,15 +180,16 @@ class _CountWindow:
 
     def add(self, flags: int, now: float) -> None:
         ring = self._ring
-        pos = self._pos
-        if self.calls == len(ring):
+        if self.calls < self._size:
+            ring.append(flags)
+            self.calls += 1
+        else:
+            pos = self._pos
             old = ring[pos]
             self.failures -= old & _F_FAILURE
             self.slow -= old >> 1
-        else:
-            self.calls += 1
-        ring[pos] = flags
-        self._pos = pos + 1 if pos + 1 < len(ring) else 0
+            ring[pos] = flags
+            self._pos = pos + 1 if pos + 1 < self._size else 0
         self.failures += flags & _F_FAILURE
         self.slow += flags >> 1
 
@@ -460,6 +467,7 @@ class CircuitBreaker:
         self._window_seconds: int | None = None
         if window_seconds is not None:
             span = _duration(window_seconds, "window_seconds")
+            check_window(span, "window_seconds")
             if span < 1.0 or not span.is_integer():
                 raise ValueError(
                     "window_seconds must be a whole number of seconds >= 1 (the window "

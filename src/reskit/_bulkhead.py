@@ -20,7 +20,11 @@ Free slots are tokens in a list. ``list.pop()`` and ``list.append()`` are
 atomic (under the GIL, and with per-object locking in free-threaded builds), so
 the common case (no partition key, no adaptive limit, a slot free) takes and
 returns a slot without the lock: on a VM where an uncontended lock costs
-~200 ns that is most of the cost of the bulkhead. Everything that needs more
+~200 ns that is most of the cost of the bulkhead. Tokens are made on demand: a
+partition starts with a count of slots never handed out and an empty list, so
+memory follows the concurrency a bulkhead sees, not its ``max_concurrent``; the
+first calls take the lock to make their tokens, and from then on they
+circulate. Everything that needs more
 than one step (queueing, hand-over, partitions, adaptive limits) takes the
 lock. A lock-free release publishes its token and then looks for waiters, and a
 caller that queues looks for tokens after publishing itself, so whichever comes
@@ -62,21 +66,29 @@ _SPARE_PARTITIONS = 16
 class _Partition:
     """The slots and queue of one key (or of the whole bulkhead); also the permit."""
 
-    __slots__ = ("free", "key", "waiters")
+    __slots__ = ("free", "key", "unissued", "waiters")
 
     def __init__(self, key: str | None, size: int) -> None:
         self.key = key
-        # One token per free slot; see the module docstring for why a list.
-        self.free: list[None] = [None] * size
+        # One token per free slot that has been handed out before (see the module
+        # docstring for why a list), and the slots never handed out yet. Always:
+        # len(free) + unissued + slots in use == max_concurrent.
+        self.free: list[None] = []
+        self.unissued = size
         self.waiters: deque[_Waiter] = deque()
 
+    def available(self) -> int:
+        return len(self.free) + self.unissued
 
-def _pop_token(free: list[None]) -> bool:
-    """Take a token if there is one (safe against lock-free takers)."""
+
+def _take_slot_locked(part: _Partition) -> bool:
+    """Take a free slot, with the lock held: a token, or a slot never handed out."""
     try:
-        free.pop()
+        part.free.pop()  # lock-free takers may be emptying the list meanwhile
     except IndexError:
-        return False
+        if not part.unissued:
+            return False
+        part.unissued -= 1
     return True
 
 
@@ -256,7 +268,7 @@ class Bulkhead:
                 f"max_waiting must be an int >= 0, got {max_waiting!r}; "
                 "it is how many callers may queue for a slot (0 rejects at once)"
             )
-        timeout = seconds(wait_timeout, "wait_timeout")
+        timeout = seconds(wait_timeout, "wait_timeout", waited=True)
         if timeout is not None and max_waiting == 0:
             raise ValueError(
                 f"wait_timeout={timeout!r} has no effect with max_waiting=0 (nobody waits); "
@@ -338,9 +350,9 @@ class Bulkhead:
             return self._in_flight
         cap = self._max_concurrent
         with self._lock:
-            busy = cap - len(self._default.free)
+            busy = cap - self._default.available()
             for part in self._partitions.values():
-                busy += cap - len(part.free)
+                busy += cap - part.available()
         return busy
 
     @property
@@ -531,7 +543,7 @@ class Bulkhead:
 
         .. versionadded:: 0.1.0
         """
-        if not permit.free:
+        if not permit.free and not permit.unissued:
             # ``retry_after`` is only ever asked for while slots are short, so
             # only calls ending in a full partition feed its estimate: the
             # common, uncongested release skips the arithmetic. Unlocked, two
@@ -610,7 +622,7 @@ class Bulkhead:
                 if (
                     not part.waiters
                     and self._in_flight < self._global_cap
-                    and _pop_token(part.free)
+                    and _take_slot_locked(part)
                 ):
                     if self._adaptive is not None:
                         self._in_flight += 1
@@ -634,7 +646,7 @@ class Bulkhead:
         self, part: _Partition, asynchronous: bool
     ) -> tuple[str, float | None, _Waiter | None]:
         if len(part.waiters) >= self._max_waiting:
-            busy = self._max_concurrent - len(part.free)
+            busy = self._max_concurrent - part.available()
             reason = f"{busy} in flight (limit {self.limit}) and " + (
                 "no waiting allowed (max_waiting=0)"
                 if self._max_waiting == 0
@@ -710,7 +722,7 @@ class Bulkhead:
         if (
             part is not self._default
             and not part.waiters
-            and len(part.free) == self._max_concurrent
+            and part.available() == self._max_concurrent
         ):
             self._drop_locked(part)
 
@@ -737,7 +749,7 @@ class Bulkhead:
         if self._adaptive is None:
             # Without a bulkhead-wide cap only the releasing partition gained room.
             waiters = part.waiters
-            while waiters and _pop_token(part.free):
+            while waiters and _take_slot_locked(part):
                 woken.append(self._hand_over_locked(waiters.popleft()))
         else:
             # The bulkhead-wide cap may have been what held queues back in any
@@ -745,13 +757,13 @@ class Bulkhead:
             while self._queued and self._in_flight < self._global_cap:
                 best: _Partition | None = None
                 for queued in self._queued:
-                    if queued.free and (
+                    if queued.available() and (
                         best is None or queued.waiters[0].seq < best.waiters[0].seq
                     ):
                         best = queued
                 if best is None:
                     break
-                best.free.pop()
+                _take_slot_locked(best)
                 self._in_flight += 1
                 woken.append(self._hand_over_locked(best.waiters.popleft()))
         self._reclaim_locked(part)

@@ -87,10 +87,23 @@ class _RestoreTesting:
             CONFIG.testing, CONFIG.testing_attempts, CONFIG.testing_cap = self._previous
 
 
+#: The longest duration reskit waits for (``threading.TIMEOUT_MAX``, about 292
+#: years on 64-bit Linux): a longer wait raises OverflowError in the platform.
+MAX_WAIT = threading.TIMEOUT_MAX
+
+#: The longest window of history kept in one-second buckets: one day. A longer one
+#: would allocate a bucket per second of it.
+MAX_WINDOW_SECONDS = 86_400
+
+
 def seconds(
-    value: float | timedelta | None, what: str, *, allow_zero: bool = False
+    value: float | timedelta | None, what: str, *, allow_zero: bool = False, waited: bool = False
 ) -> float | None:
-    """Convert a duration given as seconds or a timedelta, validating it once."""
+    """Convert a duration given as seconds or a timedelta, validating it once.
+
+    ``waited`` durations (a timeout, a deadline, a wait) are something a thread
+    or a timer will wait for, so they must also fit what the platform supports.
+    """
     if value is None:
         return None
     if isinstance(value, timedelta):
@@ -103,7 +116,22 @@ def seconds(
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{what} must be {bound} seconds, got {value!r}; pass a positive duration")
+    if waited and value > MAX_WAIT:
+        raise ValueError(
+            f"{what} must be at most {MAX_WAIT:.0f} seconds (threading.TIMEOUT_MAX, the "
+            f"longest wait the platform supports), got {value!r}; for no limit, pass None"
+        )
     return value
+
+
+def window_seconds(value: float, what: str) -> None:
+    """Refuse a window of one-second buckets longer than :data:`MAX_WINDOW_SECONDS`."""
+    if value > MAX_WINDOW_SECONDS:
+        raise ValueError(
+            f"{what} must be at most {MAX_WINDOW_SECONDS} seconds (one day): it keeps a "
+            f"bucket per second, and {value!r} would allocate gigabytes; a shorter window "
+            "also reacts sooner"
+        )
 
 
 def _refusal(obj: object, name: str, instead: str) -> FrozenConfigError:

@@ -381,7 +381,7 @@ def _checked(keyword: str, role: Role, accepts: type | None, value: Any) -> Any:
     if value is None:
         return None
     if role is Role.DEADLINE or role is Role.TIMEOUT:
-        return seconds(value, f"Policy {keyword}")
+        return seconds(value, f"Policy {keyword}", waited=True)
     if role is Role.FALLBACK and not isinstance(value, Fallback):
         return Fallback(value)
     if accepts is not None and not isinstance(value, accepts):

@@ -30,7 +30,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from . import _clock, _fork
-from ._config import CONFIG, Frozen, seconds, setting
+from ._config import CONFIG, MAX_WAIT, Frozen, seconds, setting, window_seconds
 from ._errors import CircuitOpen, Rejected, RetryBudgetExhausted, TimeoutExceeded
 
 __all__ = [
@@ -171,6 +171,7 @@ class RetryBudget:
         assert window_s is not None
         if window_s < 1:
             raise ValueError(f"RetryBudget window must be at least 1 second, got {window_s!r}")
+        window_seconds(window_s, "RetryBudget window")
         self._ratio = float(ratio)
         self._min_per_second = float(min_per_second)
         self._window = window_s
@@ -481,8 +482,8 @@ class Retry(Frozen):
             raise TypeError(f"Retry budget= must be a reskit.RetryBudget, got {budget!r}")
         if random is not None and not isinstance(random, _random_module.Random):
             raise TypeError(f"Retry random= must be a random.Random, got {random!r}")
-        initial = seconds(wait_initial, "Retry wait_initial", allow_zero=True)
-        cap = seconds(wait_max, "Retry wait_max", allow_zero=True)
+        initial = seconds(wait_initial, "Retry wait_initial", allow_zero=True, waited=True)
+        cap = seconds(wait_max, "Retry wait_max", allow_zero=True, waited=True)
         assert initial is not None
         assert cap is not None
         if cap < initial:
@@ -496,7 +497,7 @@ class Retry(Frozen):
         elif wait is None:
             pass
         elif isinstance(wait, timedelta | int | float):
-            wait_fixed = seconds(wait, "Retry wait", allow_zero=True)
+            wait_fixed = seconds(wait, "Retry wait", allow_zero=True, waited=True)
         elif callable(wait) and not isinstance(wait, type):
             tenacity_wait = wait
         else:
@@ -742,6 +743,16 @@ class RetryCall:
             delay = retry._wait_fixed
         else:
             delay = retry.backoff(self.attempt)
+        if not 0.0 <= delay <= MAX_WAIT:  # NaN fails too
+            if delay < 0.0:
+                delay = 0.0
+            else:
+                _note(
+                    exc,
+                    f"reskit: policy {self.policy!r} gave up after {self.attempt} attempt(s): "
+                    f"the wait strategy asked for {delay!r}s, longer than the platform can wait",
+                )
+                return None
         if retry._tenacity_stop is not None and not testing:
             if state is None:
                 state = self._tenacity_state(exc, result, now)

@@ -25,7 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 from . import _clock, _fork
-from ._config import seconds, setting
+from ._config import seconds, setting, window_seconds
 from ._errors import Throttled
 
 __all__ = ["DEFAULT_THROTTLE_K", "DEFAULT_THROTTLE_WINDOW", "AdaptiveThrottle"]
@@ -130,6 +130,7 @@ class AdaptiveThrottle:
         self._k = float(k)
         converted = seconds(window, "window")
         assert converted is not None
+        window_seconds(converted, "window")
         if converted < 1.0:
             raise ValueError(
                 f"window must be at least 1 second (requests are counted in one-second "
