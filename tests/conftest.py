@@ -5,6 +5,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
+from reskit import _telemetry
 from reskit.testing import FakeClock, SpanCapture, set_testing
 
 
@@ -33,3 +34,11 @@ def logs() -> Iterator[list[structlog.typing.EventDict]]:
 def _reset_testing_mode() -> Iterator[None]:
     with set_testing(False):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_failure_reports() -> Iterator[None]:
+    """reskit reports a telemetry failure once a minute per kind: each test starts afresh."""
+    _telemetry._reported.clear()
+    yield
+    _telemetry._reported.clear()

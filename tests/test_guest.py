@@ -1,0 +1,631 @@
+"""A library is a guest in someone's process.
+
+Its telemetry never changes a call's outcome; it prints nothing unless the
+application configured logging; it survives ``os.fork()``; it never allocates
+more than its use, nor accepts a wait the platform cannot make.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import reskit
+from reskit import Bulkhead, CircuitBreaker, CircuitOpen, Policy, Retry, TimeoutExceeded
+from reskit.testing import FakeClock
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- faults to inject ------------------------------------------------------------------
+
+
+class BrokenPipeLogger:
+    """A structlog logger writing to a closed pipe."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def msg(self, *args: Any, **kwargs: Any) -> None:
+        self.attempts += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+    info = warning = error = debug = msg
+
+
+@pytest.fixture
+def broken_log_sink() -> Iterator[BrokenPipeLogger]:
+    sink = BrokenPipeLogger()
+    structlog.configure(
+        processors=[structlog.processors.KeyValueRenderer()],
+        logger_factory=lambda *args: sink,
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield sink
+    finally:
+        structlog.reset_defaults()
+
+
+class RaisingProcessor(SpanProcessor):
+    def __init__(self, on: str) -> None:
+        self.on = on
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self.on == "start":
+            raise RuntimeError("span processor bug in on_start")
+
+    def on_end(self, span: Any) -> None:
+        if self.on == "end":
+            raise RuntimeError("span processor bug in on_end")
+
+
+class FailingExporter(SpanExporter):
+    def __init__(self, block: bool = False) -> None:
+        self.block = block
+
+    def export(self, spans: Any) -> SpanExportResult:
+        if self.block:
+            threading.Event().wait(0.005)  # a slow collector, not a test waiting for time
+            return SpanExportResult.SUCCESS
+        raise OSError("collector unreachable")
+
+    def shutdown(self) -> None:
+        pass
+
+
+def tracing_with(processor: SpanProcessor) -> Any:
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    return reskit.configure_telemetry(tracer_provider=provider)
+
+
+class RaisingInstrument:
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("meter bug")
+
+    record = add
+
+
+class RaisingMeter:
+    def create_counter(self, *args: Any, **kwargs: Any) -> RaisingInstrument:
+        return RaisingInstrument()
+
+    create_histogram = create_counter
+
+    def create_observable_gauge(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("meter bug")
+
+
+class RaisingMeterProvider:
+    def get_meter(self, *args: Any, **kwargs: Any) -> RaisingMeter:
+        return RaisingMeter()
+
+
+class RaisingListener:
+    def state_change(self, *args: Any) -> None:
+        raise RuntimeError("listener bug")
+
+    failure = success = before_call = state_change
+
+
+FAULTS = ["log sink", "span on_start", "span on_end", "exporter", "slow exporter", "meter"]
+
+
+@pytest.fixture(params=FAULTS)
+def fault(request: pytest.FixtureRequest) -> Iterator[str]:
+    name = request.param
+    if name == "log sink":
+        sink = BrokenPipeLogger()
+        structlog.configure(
+            processors=[structlog.processors.KeyValueRenderer()],
+            logger_factory=lambda *args: sink,
+            cache_logger_on_first_use=False,
+        )
+        try:
+            yield name
+        finally:
+            structlog.reset_defaults()
+        return
+    if name == "meter":
+        with reskit.configure_telemetry(meter_provider=RaisingMeterProvider()):  # type: ignore[arg-type]
+            yield name
+        return
+    processor: SpanProcessor
+    if name == "span on_start":
+        processor = RaisingProcessor("start")
+    elif name == "span on_end":
+        processor = RaisingProcessor("end")
+    else:
+        processor = SimpleSpanProcessor(FailingExporter(block=name == "slow exporter"))
+    with tracing_with(processor):
+        yield name
+
+
+def assert_context_clean() -> None:
+    from opentelemetry import trace
+
+    assert reskit.correlation_id() is None
+    assert reskit.remaining_deadline() is None
+    assert not trace.get_current_span().get_span_context().is_valid
+
+
+# -- the call's outcome is the same with any fault ------------------------------------------
+
+
+def test_a_breaker_opens_half_opens_and_closes_through_any_fault(
+    fault: str, clock: FakeClock
+) -> None:
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=10, listeners=[RaisingListener()])
+    policy = Policy("faulty", breaker=breaker)
+
+    def down() -> None:
+        raise ConnectionError("down")
+
+    # The failure that opens the breaker reaches the caller unchanged.
+    with pytest.raises(ConnectionError, match="down"):
+        policy.call(down)
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpen):
+        policy.call(lambda: "rejected")
+    clock.advance(10)
+    # Half-open: the probe is admitted, succeeds, and closes the breaker.
+    assert policy.call(lambda: "probe") == "probe"
+    assert breaker.state == "closed"
+    assert not breaker._probes
+    assert_context_clean()
+
+
+def test_a_probe_slot_is_never_lost_to_a_failing_sink(
+    broken_log_sink: Any, clock: FakeClock
+) -> None:
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=10)
+    policy = Policy("probe", breaker=breaker)
+    breaker.open()
+    clock.advance(10)
+    # The half_opened event is logged (and fails) after the probe slot was taken.
+    with pytest.raises(ConnectionError):
+        policy.call(lambda: (_ for _ in ()).throw(ConnectionError()))
+    clock.advance(10)
+    assert policy.call(lambda: "ok") == "ok"
+    assert breaker.state == "closed"
+    assert broken_log_sink.attempts >= 3
+
+
+def test_retries_go_on_through_any_fault(fault: str, clock: FakeClock) -> None:
+    answers: list[Any] = [ConnectionError(), ConnectionError(), "ok"]
+
+    def flaky() -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    policy = Policy("faulty", retry=Retry(3, on=ConnectionError, wait=0.1))
+    assert policy.call(flaky) == "ok"
+    assert policy.statistics.attempts == 3
+    assert_context_clean()
+
+
+async def test_async_calls_are_untouched_by_any_fault(fault: str, clock: FakeClock) -> None:
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 2:
+            raise ConnectionError
+        return "ok"
+
+    policy = Policy("faulty", timeout=1.0, retry=Retry(3, on=ConnectionError, wait=0))
+    assert await policy.acall(flaky) == "ok"
+    assert len(calls) == 2
+    assert_context_clean()
+
+
+def test_rejections_and_fallbacks_are_untouched_by_any_fault(fault: str) -> None:
+    bulkhead = Bulkhead(1)
+    held = bulkhead.admit("other")
+    try:
+        with pytest.raises(reskit.BulkheadFull):
+            Policy("faulty", bulkhead=bulkhead).call(lambda: "never")
+        fell_back = Policy("faulty", bulkhead=bulkhead, fallback=lambda exc: "fallback")
+        assert fell_back.call(lambda: "never") == "fallback"
+    finally:
+        bulkhead.record(held, None, 0.0)
+    assert bulkhead.in_flight == 0
+    assert_context_clean()
+
+
+def test_generators_are_untouched_by_any_fault(fault: str, clock: FakeClock) -> None:
+    @Policy("faulty", deadline=5.0, retry=Retry(2, on=ConnectionError, wait=0))
+    def stream() -> Iterator[int]:
+        yield 1
+        yield 2
+
+    assert list(stream()) == [1, 2]
+    assert_context_clean()
+
+
+def test_a_span_processor_failing_in_on_end_does_not_hide_a_result() -> None:
+    charged: list[str] = []
+
+    def charge() -> str:
+        charged.append("card")
+        return "receipt"
+
+    with tracing_with(RaisingProcessor("end")):
+        assert Policy("payments").call(charge) == "receipt"
+    assert charged == ["card"]
+
+
+def test_a_span_processor_failing_in_on_start_leaves_no_correlation_id() -> None:
+    with tracing_with(RaisingProcessor("start")):
+        Policy("payments").call(lambda: 1)
+    assert reskit.correlation_id() is None
+
+
+def test_a_failure_is_reported_once_through_stdlib_logging(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="reskit"), tracing_with(RaisingProcessor("end")):
+        for _ in range(20):
+            Policy("payments").call(lambda: 1)
+    reports = [r for r in caplog.records if "span processor" in r.getMessage()]
+    assert len(reports) == 1
+    assert "went on without it" in reports[0].getMessage()
+
+
+def test_a_listener_failing_everywhere_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    breaker = CircuitBreaker(fail_max=2, listeners=[RaisingListener()])
+    policy = Policy("listened", breaker=breaker)
+    with caplog.at_level(logging.ERROR, logger="reskit"):
+        assert policy.call(lambda: 1) == 1
+        for _ in range(2):
+            with pytest.raises(KeyError):
+                policy.call(lambda: {}["missing"])
+    assert breaker.state == "open"
+    assert "listener" in caplog.text
+
+
+# -- exceptions that cannot be printed --------------------------------------------------------
+
+
+class Unprintable(Exception):
+    def __repr__(self) -> str:
+        raise AttributeError("no repr")
+
+    def __str__(self) -> str:
+        raise AttributeError("no str")
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_an_exception_that_cannot_be_printed_is_still_retried_and_recorded(
+    traced: bool, clock: FakeClock
+) -> None:
+    calls: list[int] = []
+
+    def fails() -> None:
+        calls.append(1)
+        raise Unprintable
+
+    policy = Policy("unprintable", retry=Retry(3, on=Unprintable, wait=0))
+    if traced:
+        exporter = InMemorySpanExporter()
+        with tracing_with(SimpleSpanProcessor(exporter)), pytest.raises(Unprintable):
+            policy.call(fails)
+        [span] = exporter.get_finished_spans()
+        assert span.attributes is not None
+        assert span.attributes["reskit.attempts"] == 3
+    else:
+        with pytest.raises(Unprintable):
+            policy.call(fails)
+    assert len(calls) == 3
+
+
+# -- silent unless configured ------------------------------------------------------------------
+
+SILENT_PROGRAM = textwrap.dedent(
+    """
+    import asyncio
+    import reskit
+
+    breaker = reskit.CircuitBreaker(fail_max=2, reset_timeout=0.01)
+    policy = reskit.Policy(
+        "noisy", breaker=breaker, retry=reskit.Retry(3, on=ConnectionError, wait=0)
+    )
+
+    def down():
+        raise ConnectionError("down")
+
+    for _ in range(3):
+        try:
+            policy.call(down)
+        except (ConnectionError, reskit.CircuitOpen):
+            pass
+    assert breaker.state == "open"
+    {extra}
+    print("only the program's output")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "",
+        "import opentelemetry.trace  # the API present, no SDK configured",
+        "import structlog  # imported, not configured",
+    ],
+)
+def test_a_program_that_configured_nothing_hears_nothing_from_reskit(extra: str) -> None:
+    program = SILENT_PROGRAM.replace("{extra}", extra)
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "only the program's output\n"
+    assert result.stderr == ""
+
+
+def test_events_reach_stdlib_logging_with_a_correlation_id(
+    caplog: pytest.LogCaptureFixture, clock: FakeClock
+) -> None:
+    answers: list[Any] = [ConnectionError(), ConnectionError(), "ok"]
+
+    def flaky() -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    breaker = CircuitBreaker(fail_max=2)
+    policy = Policy("logged", retry=Retry(3, on=ConnectionError, wait=0), breaker=breaker)
+    # The second failure opens the breaker; the third attempt meets CircuitOpen.
+    with caplog.at_level(logging.INFO, logger="reskit"), pytest.raises(CircuitOpen):
+        policy.call(flaky)
+    events = [
+        (record.event, record.correlation_id)  # type: ignore[attr-defined]
+        for record in caplog.records
+        if hasattr(record, "event")
+    ]
+    assert [event for event, _ in events] == [
+        "reskit.retry.scheduled",
+        "reskit.breaker.opened",
+        "reskit.retry.scheduled",
+    ]
+    # One ID for the call, made for its first event, on every event of the call.
+    ids = {cid for _, cid in events}
+    assert len(ids) == 1
+    assert reskit.valid_correlation_id(ids.pop())
+    assert reskit.correlation_id() is None
+    assert "reskit.retry.scheduled policy='logged' attempt=2" in caplog.text
+
+
+def test_events_carry_the_bound_correlation_id(
+    caplog: pytest.LogCaptureFixture, clock: FakeClock
+) -> None:
+    breaker = CircuitBreaker(fail_max=1)
+
+    def down() -> None:
+        raise ConnectionError
+
+    with (
+        caplog.at_level(logging.INFO, logger="reskit"),
+        reskit.bind_correlation_id("req-7"),
+        pytest.raises(ConnectionError),
+    ):
+        Policy("bound", breaker=breaker).call(down)
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "reskit.breaker.opened"]
+    assert record.correlation_id == "req-7"  # type: ignore[attr-defined]
+
+
+# -- fork -------------------------------------------------------------------------------------
+
+FORK_PROGRAM = textwrap.dedent(
+    """
+    import os, sys, threading, traceback
+    import reskit
+    from reskit import Bulkhead, CircuitBreaker, Policy
+
+    timed = Policy("timed", timeout=5.0)
+    assert timed.call(lambda: 1) == 1  # the parent has a worker thread now
+
+    breaker = CircuitBreaker(fail_max=5)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_lock():
+        with breaker._lock:  # another thread holds it at the moment of the fork
+            holding.set()
+            release.wait()
+
+    threading.Thread(target=hold_the_lock, daemon=True).start()
+    holding.wait()
+    bulkhead = Bulkhead(1)
+    taken = bulkhead.admit("a thread of the parent")
+    read, write = os.pipe()
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            assert timed.call(lambda: 2) == 2  # no spurious timeout: workers renewed
+            assert Policy("b", breaker=breaker).call(lambda: 3) == 3  # no deadlock
+            with Policy("bh", bulkhead=bulkhead).admit():
+                pass  # the parent's slot is not the child's
+            os.write(write, reskit.new_correlation_id().encode())
+            os._exit(0)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+    release.set()
+    os.close(write)
+    child_id = os.read(read, 64).decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed"
+    assert child_id and child_id != reskit.new_correlation_id(), "the child repeats IDs"
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_has_working_timeouts_breakers_bulkheads_and_its_own_ids() -> None:
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK_PROGRAM],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ok\n"
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Policy("p", timeout=1e10),
+        lambda: Policy("p", deadline=1e300),
+        lambda: Bulkhead(1, max_waiting=1, wait_timeout=1e12),
+        lambda: Retry(on=KeyError, wait=1e11),
+        lambda: Retry(on=KeyError, wait_max=1e11),
+    ],
+)
+def test_a_wait_longer_than_the_platform_supports_is_refused(build: Callable[[], Any]) -> None:
+    with pytest.raises(ValueError, match="TIMEOUT_MAX"):
+        build()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: CircuitBreaker(failure_rate=0.5, window_seconds=10**9),
+        lambda: reskit.RetryBudget(window=10**9),
+        lambda: reskit.AdaptiveThrottle(window=10**9),
+    ],
+)
+def test_a_window_of_more_than_a_day_is_refused(build: Callable[[], Any]) -> None:
+    with pytest.raises(ValueError, match="at most 86400 seconds"):
+        build()
+
+
+def test_large_sizes_allocate_only_what_is_used() -> None:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        bulkhead = Bulkhead(10**9, max_partitions=10**6, key=lambda tenant: tenant)
+        breaker = CircuitBreaker(failure_rate=0.5, window=10**9, minimum_calls=10)
+        policy = Policy("big", bulkhead=bulkhead, breaker=breaker)
+        for tenant in ("a", "b", "c"):
+            assert policy.call(lambda tenant: tenant, tenant) == tenant
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20  # megabytes, not gigabytes
+    assert bulkhead.in_flight == 0
+
+
+def test_a_wait_strategy_asking_for_forever_ends_the_retries(clock: FakeClock) -> None:
+    calls: list[int] = []
+
+    def fails() -> None:
+        calls.append(1)
+        raise KeyError
+
+    forever = Retry(3, on=KeyError, wait=lambda state: float("inf"))
+    with pytest.raises(KeyError) as raised:
+        Policy("p", retry=forever).call(fails)
+    assert calls == [1]
+    assert "longer than the platform can wait" in raised.value.__notes__[-1]
+
+
+def test_a_failing_call_with_a_timeout_leaves_no_reference_cycle() -> None:
+    policy = Policy("cycles", timeout=5.0)
+
+    def boom() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        policy.call(boom)  # warm up: the worker thread exists
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(10):
+            with pytest.raises(ValueError):
+                policy.call(boom)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+def test_abandoned_attempts_still_running_are_counted(clock: FakeClock) -> None:
+    from reskit import _timeout
+
+    release = threading.Event()
+
+    def hung() -> None:
+        clock.advance(2.0)
+        release.wait(10)
+
+    before = _timeout._POOL.abandoned
+    with pytest.raises(TimeoutExceeded):
+        Policy("hung", timeout=1.0).call(hung)
+    assert _timeout._POOL.abandoned == before + 1
+    release.set()
+    for _ in range(1000):
+        if _timeout._POOL.abandoned == before:
+            break
+        threading.Event().wait(0.001)  # the worker finishing in its own thread
+    assert _timeout._POOL.abandoned == before
+
+
+# -- outcomes and limits of timeouts -----------------------------------------------------------
+
+
+def test_timeout_exceeded_names_the_limit_that_fired(clock: FakeClock) -> None:
+    def slow() -> None:
+        clock.advance(10.0)
+
+    with pytest.raises(TimeoutExceeded) as own:
+        Policy("own", deadline=2.0, retry=Retry(3, on=KeyError)).call(
+            lambda: (clock.advance(3.0), Policy("inner").call(lambda: 1))
+        )
+    assert (own.value.kind, own.value.policy) == ("deadline", "inner")
+    assert own.value.timeout is None  # inherited from "own": not the inner policy's limit
+
+    inner = Policy("inner", deadline=30.0)
+    with pytest.raises(TimeoutExceeded) as inherited:
+        Policy("outer", deadline=2.0).call(lambda: (clock.advance(3.0), inner.call(lambda: 1)))
+    assert (inherited.value.policy, inherited.value.timeout) == ("inner", None)
+
+    with pytest.raises(TimeoutExceeded) as attempt:
+        Policy("attempt", timeout=1.0).call(slow)
+    assert (attempt.value.kind, attempt.value.timeout) == ("attempt", 1.0)
+
+
+async def test_an_async_deadline_names_its_own_limit(clock: FakeClock) -> None:
+    import asyncio
+
+    async def slow() -> None:
+        clock.advance(10.0)
+        await asyncio.sleep(0)
+
+    with pytest.raises(TimeoutExceeded) as own:
+        await Policy("own", deadline=2.0).acall(slow)
+    assert (own.value.kind, own.value.timeout) == ("deadline", 2.0)
