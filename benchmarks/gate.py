@@ -34,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import import_time
 from _harness import PROFILES, Measurement, Profile, measure
 from scenarios import SCENARIOS, Scenario, Setup, Unavailable
 
@@ -237,16 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for s in SCENARIOS:
             print(f"{s.key:<20} budget {s.budget:<5} {s.kind:<5} {s.title}")
+        print(f"{'import':<20} budget {import_time.BUDGET:<5} {'-':<5} import reskit vs stamina")
         return 0
     if args.margin < 1:
         parser.error("--margin must be >= 1 (it loosens budgets, never tightens them)")
     scenarios = list(SCENARIOS)
+    with_import = True
     if args.only:
-        known = {s.key for s in SCENARIOS}
+        known = {s.key for s in SCENARIOS} | {"import"}
         unknown = sorted(set(args.only) - known)
         if unknown:
             parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {sorted(known)}")
         scenarios = [s for s in SCENARIOS if s.key in args.only]
+        with_import = "import" in args.only
 
     profile = PROFILES[args.profile]
     machine = _machine()
@@ -269,16 +273,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             tried = ", ".join(f"{x:.3f}" for x in record["ratios_measured"])
             print(f"    ratio {tried} ({record['seconds']:.1f} s)", flush=True)
+    imports: dict[str, Any] | None = None
+    if with_import:
+        print("[import] import reskit vs import stamina, in fresh interpreters", flush=True)
+        imports = import_time.record(args.margin)
     elapsed = time.perf_counter() - started
 
     print()
     print(_table(records))
+    if imports is not None:
+        print()
+        print(import_time.table(imports))
+        records.append(imports)
     print()
     print(
         "Each variant as ns/call and as a multiple of the bare call (spread = IQR / median of "
         "the samples; gc/call = objects in reference cycles left per call):"
     )
-    print(_bare_table([r for r in records if r["variants"]]))
+    print(_bare_table([r for r in records if r.get("variants")]))
     print()
 
     failed = [r for r in records if r["verdict"] in (FAIL, ERROR)]

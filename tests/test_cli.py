@@ -52,22 +52,30 @@ def run_main(argv: list[str], timeout: float = 30.0) -> int:
 
 
 def parse_table(text: str) -> dict[str, dict[str, float]]:
-    """The final table as ``{policy: {column: value}}``, ``total`` included."""
+    """The final tables as ``{policy: {column: value}}``, ``total`` included.
+
+    The outcomes table (``policy driver calls ... retries``) and the latency table
+    (``latency p50 ms ... max ms``, whose ``all`` row is the total's) are merged.
+    """
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("policy "))
-    header = lines[start]
-    assert header.split()[:2] == ["policy", "driver"]
     rows: dict[str, dict[str, float]] = {}
-    for line in lines[start + 2 :]:
-        if not line.strip():
-            break
-        if set(line) == {"-"}:
-            continue
-        cells = line.split()
-        values = [float(cell) for cell in cells[-len(COLUMNS) :]]
-        rows[cells[0]] = dict(zip(COLUMNS, values, strict=True))
-        if cells[0] == "total":
-            break
+
+    def read(title: str, columns: tuple[str, ...], last: str) -> None:
+        start = next(i for i, line in enumerate(lines) if line.startswith(title + " "))
+        for line in lines[start + 2 :]:
+            if set(line) == {"-"}:
+                continue
+            cells = line.split()
+            values = [float(cell) for cell in cells[-len(columns) :]]
+            name = "total" if cells[0] == last else cells[0]
+            rows.setdefault(name, {}).update(zip(columns, values, strict=True))
+            if cells[0] == last:
+                return
+
+    header = next(line for line in lines if line.startswith("policy "))
+    assert header.split()[:2] == ["policy", "driver"]
+    read("policy", COLUMNS[:6], "total")
+    read("latency", COLUMNS[6:], "all")
     return rows
 
 
@@ -260,3 +268,21 @@ def test_demo_needs_only_the_base_dependencies() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_demo_fits_an_80_column_terminal() -> None:
+    import re
+
+    plain = io.StringIO()
+    assert _demo.run_demo(calls=150, seed=4, out=plain) == 0
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    assert _demo.run_demo(calls=150, seed=4, out=terminal) == 0
+    escapes = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+    for text in (plain.getvalue(), escapes.sub("", terminal.getvalue())):
+        wide = [line for line in text.splitlines() if len(line) > 80]
+        assert wide == []

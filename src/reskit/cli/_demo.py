@@ -35,6 +35,7 @@ import math
 import random
 import shutil
 import sys
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -211,10 +212,10 @@ def _cause(exc: BaseException) -> str:
 
 
 def _outcome(exc: BaseException) -> str:
-    # The same rule as the ``reskit.outcome`` span attribute: reskit's own
-    # refusals and timeouts are "rejected", anything else the call raised is a
-    # "failure".
-    if isinstance(exc, ReskitError) and exc.rejected_by is not None:
+    # The rule of the ``reskit.outcome`` span attribute: a local protection's
+    # refusal is "rejected"; the dependency's own error, or its slowness (a
+    # timeout or the deadline, the span's "timeout"), is a "failure".
+    if isinstance(exc, reskit.Rejected):
         return "rejected"
     return "failure"
 
@@ -627,13 +628,13 @@ class Display:
 
     def _scene_line(self, scene: Scene) -> str:
         done, counts = scene.tally.snapshot()
-        filled = round(12 * done / scene.calls)
-        bar = "#" * filled + "." * (12 - filled)
+        filled = round(10 * done / scene.calls)
+        bar = "#" * filled + "." * (10 - filled)
         line = (
-            f"  {scene.name:<{self._width}}  [{bar}] {done:>{len(str(scene.calls))}}/{scene.calls}"
-            f"  ok {counts['success']}  fallback {counts['fallback']}"
-            f"  rejected {counts['rejected']}  failure {counts['failure']}"
-            f"  retries {self.collector.retries(scene.name)}"
+            f"  {scene.name:<{self._width}} [{bar}] {done:>{len(str(scene.calls))}}/{scene.calls}"
+            f"  ok {counts['success']} fb {counts['fallback']}"
+            f" rej {counts['rejected']} fail {counts['failure']}"
+            f" retry {self.collector.retries(scene.name)}"
         )
         if scene.status is not None and done < scene.calls:
             line += f"  | {scene.status()}"
@@ -651,13 +652,13 @@ class Display:
                 counts.update(by_outcome)
             retries = sum(self.collector.retries(scene.name) for scene in self.scenes)
             self.out.write(
-                f"{elapsed:6.1f}s  {done}/{self.total} calls  success {counts['success']}"
+                f"{elapsed:6.1f}s  {done}/{self.total}  success {counts['success']}"
                 f"  fallback {counts['fallback']}  rejected {counts['rejected']}"
                 f"  failure {counts['failure']}  retries {retries}\n"
             )
             self.out.flush()
             return
-        width = shutil.get_terminal_size((120, 24)).columns - 1
+        width = shutil.get_terminal_size((80, 24)).columns - 1
         done = sum(scene.tally.snapshot()[0] for scene in self.scenes)
         lines = [f"  {elapsed:5.1f}s  {done}/{self.total} calls"]
         lines += [self._scene_line(scene) for scene in self.scenes]
@@ -789,30 +790,36 @@ def _percentile(ordered: Sequence[float], p: float) -> float:
     return ordered[rank - 1]
 
 
+#: The report fits an 80-column terminal: outcomes in one table, latency in another.
+REPORT_WIDTH = 79
+
 _COLUMNS = (
-    ("calls", 7),
+    ("calls", 6),
     ("success", 9),
     ("fallback", 10),
     ("rejected", 10),
     ("failure", 9),
     ("retries", 9),
-    ("p50 ms", 9),
-    ("p95 ms", 9),
-    ("p99 ms", 9),
-    ("max ms", 9),
 )
+_LATENCY = (("p50 ms", 9), ("p95 ms", 9), ("p99 ms", 9), ("max ms", 9))
 
 
-def _row(name: str, driver: str, width: int, counts: Sequence[int], latencies: list[float]) -> str:
-    cells = [f"{value:>{w}}" for value, (_, w) in zip(counts, _COLUMNS, strict=False)]
+def _outcome_row(name: str, driver: str, width: int, counts: Sequence[int]) -> str:
+    cells = "".join(f"{value:>{w}}" for value, (_, w) in zip(counts, _COLUMNS, strict=True))
+    return f"{name:<{width}}  {driver:<7}{cells}"
+
+
+def _latency_row(name: str, width: int, latencies: list[float]) -> str:
     ordered = sorted(latencies)
-    for p, (_, w) in zip((50, 95, 99, 100), _COLUMNS[6:], strict=True):
-        cells.append(f"{_percentile(ordered, p) * 1000:>{w}.1f}" if ordered else f"{'-':>{w}}")
-    return f"{name:<{width}}  {driver:<7}" + "".join(cells)
+    cells = "".join(
+        f"{_percentile(ordered, p) * 1000:>{w}.1f}" if ordered else f"{'-':>{w}}"
+        for p, (_, w) in zip((50, 95, 99, 100), _LATENCY, strict=True)
+    )
+    return f"{name:<{width}}{cells}"
 
 
 def render_table(result: DemoResult) -> str:
-    """The final table: outcomes per policy, retries and latency percentiles.
+    """The final tables: outcomes and retries per policy, then latency percentiles.
 
     .. versionadded:: 0.1.0
     """
@@ -821,18 +828,33 @@ def render_table(result: DemoResult) -> str:
         f"{title:>{w}}" for title, w in _COLUMNS
     )
     lines = [header, "-" * len(header)]
-    totals = [0] * 6
+    totals = [0] * len(_COLUMNS)
     everything: list[float] = []
+    latency = [f"{'latency':<{width}}" + "".join(f"{t:>{w}}" for t, w in _LATENCY)]
+    latency.append("-" * len(latency[0]))
     for scene in result.scenes:
         tally = scene.tally
         counts = [tally.done] + [tally.outcomes[name] for name in OUTCOMES]
         counts.append(result.collector.retries(scene.name))
         totals = [a + b for a, b in zip(totals, counts, strict=True)]
         everything += tally.latencies
-        lines.append(_row(scene.name, scene.driver, width, counts, tally.latencies))
+        lines.append(_outcome_row(scene.name, scene.driver, width, counts))
+        latency.append(_latency_row(scene.name, width, tally.latencies))
     lines.append("-" * len(header))
-    lines.append(_row("total", "", width, totals, everything))
-    return "\n".join(lines)
+    lines.append(_outcome_row("total", "", width, totals))
+    latency.append("-" * len(latency[0]))
+    latency.append(_latency_row("all", width, everything))
+    return "\n".join([*lines, "", *latency])
+
+
+def _wrapped(text: str, indent: str = "  ", then: str = "      ") -> str:
+    return textwrap.fill(
+        text,
+        width=REPORT_WIDTH,
+        initial_indent=indent,
+        subsequent_indent=then,
+        break_on_hyphens=False,
+    )
 
 
 def render_details(result: DemoResult) -> str:
@@ -851,7 +873,8 @@ def render_details(result: DemoResult) -> str:
         opened = result.collector.by_owner["reskit.breaker.opened", scene.name]
         if opened:
             parts.append(f"breaker opened {opened}x")
-        lines.append(f"  {scene.name:<{width}}  " + ("; ".join(parts) or "every call succeeded"))
+        text = f"{scene.name:<{width}}  " + ("; ".join(parts) or "every call succeeded")
+        lines.append(_wrapped(text, then="  " + " " * (width + 2)))
     return "\n".join(lines)
 
 
@@ -874,7 +897,7 @@ def render_logs(result: DemoResult, samples: int = 3) -> str:
     lines.append("  samples:")
     for _, _, sample in order[:samples]:
         level = str(sample.get("level", "info"))
-        lines.append(f"    {renderer(None, level, dict(sample))}")
+        lines.append(_wrapped(renderer(None, level, dict(sample)), "    ", "        "))
     return "\n".join(lines)
 
 
@@ -897,16 +920,16 @@ def run_demo(
     stream = sys.stdout if out is None else out
     scenes = build_scenes(calls, seed, concurrency)
     if not quiet:
-        width = max(len(scene.name) for scene in scenes)
-        stream.write(
+        intro = (
             f"reskit demo: {_count(calls, 'call')} to "
             f"{_count(len(scenes), 'simulated dependency', 'simulated dependencies')}, "
             f"{ARRIVAL_RATE:.0f} calls/s each, {concurrency} callers per dependency, "
-            f"seed {seed}\n\n"
+            f"seed {seed}"
         )
+        stream.write(_wrapped(intro, "", "  ") + "\n\n")
         for scene in scenes:
-            stream.write(f"  {scene.name:<{width}}  {scene.driver:<7}  {scene.policy_text}\n")
-            stream.write(f"  {'':<{width}}  {'':<7}  dependency: {scene.dependency_text}\n")
+            stream.write(_wrapped(f"{scene.name} ({scene.driver}): {scene.policy_text}") + "\n")
+            stream.write(_wrapped(f"dependency: {scene.dependency_text}", "      ") + "\n")
         stream.write("\n")
         stream.flush()
     result = run(scenes, seed=seed, concurrency=concurrency, out=stream, progress=not quiet)
@@ -920,9 +943,10 @@ def run_demo(
             + render_logs(result)
             + "\n"
         )
-        stream.write(
-            f"\n{_count(result.calls, 'call')} in {result.seconds:.1f} s (seed {seed}; the same "
-            "seed gives the same draws, timing-dependent counts vary a little)\n"
+        outro = (
+            f"{_count(result.calls, 'call')} in {result.seconds:.1f} s (seed {seed}; the same "
+            "seed gives the same draws, timing-dependent counts vary a little)"
         )
+        stream.write("\n" + _wrapped(outro, "", "") + "\n")
     stream.flush()
     return 0
