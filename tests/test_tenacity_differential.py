@@ -14,7 +14,7 @@ same (``wait_random`` and friends draw from the global ``random`` module):
 Both runs must agree on the number of attempts, the sleeps, and the outcome: the value
 returned, or the exception raised by the same attempt, re-raised as that very object.
 Zero-second sleeps are left out of the comparison: reskit's sync driver skips
-``sleep(0)``, tenacity calls ``time.sleep(0)``; neither waits.
+``sleep(0)``, tenacity still calls its sleep with zero; neither waits.
 
 Documented differences are cases marked ``xfail(strict=True)``: they assert equality and
 must fail.
