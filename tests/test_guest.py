@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,9 @@ class BrokenPipeLogger:
     info = warning = error = debug = msg
 
 
-@pytest.fixture
-def broken_log_sink() -> Iterator[BrokenPipeLogger]:
-    sink = BrokenPipeLogger()
+@contextmanager
+def logging_to(sink: BrokenPipeLogger) -> Iterator[BrokenPipeLogger]:
+    """structlog configured (as an application would) to write to ``sink``."""
     structlog.configure(
         processors=[structlog.processors.KeyValueRenderer()],
         logger_factory=lambda *args: sink,
@@ -58,6 +59,12 @@ def broken_log_sink() -> Iterator[BrokenPipeLogger]:
         yield sink
     finally:
         structlog.reset_defaults()
+
+
+@pytest.fixture
+def broken_log_sink() -> Iterator[BrokenPipeLogger]:
+    with logging_to(BrokenPipeLogger()) as sink:
+        yield sink
 
 
 class RaisingProcessor(SpanProcessor):
@@ -129,16 +136,8 @@ FAULTS = ["log sink", "span on_start", "span on_end", "exporter", "slow exporter
 def fault(request: pytest.FixtureRequest) -> Iterator[str]:
     name = request.param
     if name == "log sink":
-        sink = BrokenPipeLogger()
-        structlog.configure(
-            processors=[structlog.processors.KeyValueRenderer()],
-            logger_factory=lambda *args: sink,
-            cache_logger_on_first_use=False,
-        )
-        try:
+        with logging_to(BrokenPipeLogger()):
             yield name
-        finally:
-            structlog.reset_defaults()
         return
     if name == "meter":
         with reskit.configure_telemetry(meter_provider=RaisingMeterProvider()):  # type: ignore[arg-type]

@@ -229,30 +229,17 @@ def _deadline_layer(w: _Writer, layer: _Layer, inner: _Inner) -> None:
         "if outer is not None and outer < D:",
         "    D = outer",
         "    limit = None  # the caller's deadline is the tighter one",
-        "dtoken = _deadline.set(D)",
     )
-    if not w.kind.is_async:
-        # Cooperative: attempts, nested timeouts and remaining_deadline() honour it.
-        with w.block("try:"):
-            inner()
-        with w.block("finally:"):
-            w("_deadline.reset(dtoken)")
+    if w.kind.is_async:
+        # Enforced by cancelling the task when the deadline's wheel bucket fires.
+        _bounded(w, False, "D", inner, prefix="d_")
         return
-    # Enforced by cancelling the task when the deadline's wheel bucket fires.
-    w(
-        "task = _current_task()",
-        "own = _Expiry(task)",
-        "own_bucket = _wheel_for(task.get_loop()).arm(own, D, DEADLINE_GRAIN)",
-    )
+    # Cooperative: attempts, nested timeouts and remaining_deadline() honour it.
+    w("dtoken = _deadline.set(D)")
     with w.block("try:"):
         inner()
-    with w.block("except _CancelledError:"):
-        w("if _expired(own):", "    raise TIMED_OUT('deadline', limit) from None", "raise")
-    with w.block("except BaseException:"):
-        w("if own.fired:", "    await _settle(own)", "raise")
     with w.block("finally:"):
-        w("own_bucket.discard(own)", "_deadline.reset(dtoken)")
-    w("if own.fired:", "    await _settle(own)")
+        w("_deadline.reset(dtoken)")
 
 
 def _sleep(w: _Writer) -> None:
@@ -310,44 +297,56 @@ def _attempt(w: _Writer, layer: _Layer, inner: _Inner) -> None:
 
 
 def _bounded(
-    w: _Writer, timeout: bool, cap: str | None, inner: _Inner, *, check: str | None = None
+    w: _Writer,
+    timeout: bool,
+    cap: str | None,
+    inner: _Inner,
+    *,
+    check: str | None = None,
+    prefix: str = "",
 ) -> None:
     """Await ``inner`` cancelled at ``now + TIMEOUT`` or ``cap``, whichever is first.
 
     While it runs, ``remaining_deadline()`` reports that bound. With ``check`` (a
     line to run first, such as closing the stream), a bound already reached raises
-    before anything is awaited.
+    before anything is awaited. ``prefix`` keeps the variables of nested bounds
+    (the deadline's around an attempt's) apart.
     """
-    w("now = _clock.now()")
+    when, kind, lim, grain = (f"{prefix}{name}" for name in ("when", "kind", "lim", "grain"))
+    expiry, bucket, token = (f"{prefix}{name}" for name in ("expiry", "bucket", "token"))
+    if timeout or check is not None:
+        w("now = _clock.now()")
     if timeout:
-        w("when = now + TIMEOUT", "kind = 'attempt'", "lim = TIMEOUT", "grain = TIMEOUT_GRAIN")
+        w(f"{when} = now + TIMEOUT", f"{kind} = 'attempt'", f"{lim} = TIMEOUT")
+        w(f"{grain} = TIMEOUT_GRAIN")
         if cap is not None:
             w(
-                f"if {cap} is not None and {cap} < when:",
-                f"    when = {cap}",
-                "    kind = 'deadline'",
-                f"    lim = {w.limit}",
+                f"if {cap} is not None and {cap} < {when}:",
+                f"    {when} = {cap}",
+                f"    {kind} = 'deadline'",
+                f"    {lim} = {w.limit}",
             )
     else:
         assert cap is not None
-        w(f"when = {cap}", "kind = 'deadline'", f"lim = {w.limit}", "grain = DEADLINE_GRAIN")
+        w(f"{when} = {cap}", f"{kind} = 'deadline'", f"{lim} = {w.limit}")
+        w(f"{grain} = DEADLINE_GRAIN")
     if check is not None:
-        w("if when <= now:", f"    {check}", "    raise TIMED_OUT(kind, lim)")
+        w(f"if {when} <= now:", f"    {check}", f"    raise TIMED_OUT({kind}, {lim})")
     w(
         "task = _current_task()",
-        "expiry = _Expiry(task)",
-        "bucket = _wheel_for(task.get_loop()).arm(expiry, when, grain)",
-        "ttoken = _deadline.set(when)",
+        f"{expiry} = _Expiry(task)",
+        f"{bucket} = _wheel_for(task.get_loop()).arm({expiry}, {when}, {grain})",
+        f"{token} = _deadline.set({when})",
     )
     with w.block("try:"):
         inner()
     with w.block("except _CancelledError:"):
-        w("if _expired(expiry):", "    raise TIMED_OUT(kind, lim) from None", "raise")
+        w(f"if _expired({expiry}):", f"    raise TIMED_OUT({kind}, {lim}) from None", "raise")
     with w.block("except BaseException:"):
-        w("if expiry.fired:", "    await _settle(expiry)", "raise")
+        w(f"if {expiry}.fired:", f"    await _settle({expiry})", "raise")
     with w.block("finally:"):
-        w("bucket.discard(expiry)", "_deadline.reset(ttoken)")
-    w("if expiry.fired:", "    await _settle(expiry)")
+        w(f"{bucket}.discard({expiry})", f"_deadline.reset({token})")
+    w(f"if {expiry}.fired:", f"    await _settle({expiry})")
 
 
 def _timeout(w: _Writer, layer: _Layer, inner: _Inner) -> None:
