@@ -270,9 +270,11 @@ def test_demo_needs_only_the_base_dependencies() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_the_demo_fits_an_80_column_terminal() -> None:
+def test_the_demo_fits_an_80_column_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     import re
 
+    # Progress lines too, as a long run to a pipe prints them.
+    monkeypatch.setattr(_demo.Display, "PLAIN_INTERVAL", 0.01)
     plain = io.StringIO()
     assert _demo.run_demo(calls=150, seed=4, out=plain) == 0
 
@@ -283,6 +285,7 @@ def test_the_demo_fits_an_80_column_terminal() -> None:
     terminal = Terminal()
     assert _demo.run_demo(calls=150, seed=4, out=terminal) == 0
     escapes = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+    assert re.search(r"\d+/150: ", plain.getvalue()), "no progress line was printed"
     for text in (plain.getvalue(), escapes.sub("", terminal.getvalue())):
         wide = [line for line in text.splitlines() if len(line) > 80]
         assert wide == []

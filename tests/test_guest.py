@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import reskit
-from reskit import Bulkhead, CircuitBreaker, CircuitOpen, Policy, Retry, TimeoutExceeded
+from reskit import Bulkhead, CircuitBreaker, CircuitOpen, Policy, Retry, TimeoutExceeded, _telemetry
 from reskit.testing import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -328,6 +328,7 @@ def test_an_exception_that_cannot_be_printed_is_still_retried_and_recorded(
         [span] = exporter.get_finished_spans()
         assert span.attributes is not None
         assert span.attributes["reskit.attempts"] == 3
+        assert span.status.status_code.name == "ERROR"  # even though str(exc) raised
     else:
         with pytest.raises(Unprintable):
             policy.call(fails)
@@ -454,6 +455,8 @@ FORK_PROGRAM = textwrap.dedent(
     holding.wait()
     bulkhead = Bulkhead(1)
     taken = bulkhead.admit("a thread of the parent")
+    adaptive = Bulkhead(4, limit=reskit.AIMDLimit(initial=2))
+    held_across = adaptive.admit("the forking thread, in a call")
     read, write = os.pipe()
 
     pid = os.fork()
@@ -463,17 +466,24 @@ FORK_PROGRAM = textwrap.dedent(
             assert Policy("b", breaker=breaker).call(lambda: 3) == 3  # no deadlock
             with Policy("bh", bulkhead=bulkhead).admit():
                 pass  # the parent's slot is not the child's
-            os.write(write, reskit.new_correlation_id().encode())
+            # A slot the forking thread held is given back to nothing, without error.
+            bulkhead.record(taken, None, 0.0)
+            adaptive.record(held_across, None, 0.0)
+            assert (bulkhead.in_flight, adaptive.in_flight) == (0, 0)
+            jitter = reskit.Retry(on=KeyError).backoff(10)
+            os.write(write, f"{reskit.new_correlation_id()} {jitter!r}".encode())
             os._exit(0)
         except BaseException:
             traceback.print_exc()
             os._exit(1)
     release.set()
     os.close(write)
-    child_id = os.read(read, 64).decode()
+    child_id, child_jitter = os.read(read, 128).decode().split()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child failed"
-    assert child_id and child_id != reskit.new_correlation_id(), "the child repeats IDs"
+    assert child_id != reskit.new_correlation_id(), "the child repeats IDs"
+    parent_jitter = reskit.Retry(on=KeyError).backoff(10)
+    assert child_jitter != repr(parent_jitter), "workers would back off in step"
     print("ok")
     """
 )
@@ -628,3 +638,118 @@ async def test_an_async_deadline_names_its_own_limit(clock: FakeClock) -> None:
     with pytest.raises(TimeoutExceeded) as own:
         await Policy("own", deadline=2.0).acall(slow)
     assert (own.value.kind, own.value.timeout) == ("deadline", 2.0)
+
+
+# -- found in review ---------------------------------------------------------------------------
+
+
+def test_calls_work_while_another_thread_is_importing_opentelemetry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    # Half-imported: in sys.modules, its global provider slots not defined yet.
+    monkeypatch.setitem(sys.modules, "opentelemetry.trace", types.ModuleType("opentelemetry.trace"))
+    monkeypatch.setitem(
+        sys.modules,
+        "opentelemetry.metrics._internal",
+        types.ModuleType("opentelemetry.metrics._internal"),
+    )
+
+    @Policy("early")
+    def plain() -> int:
+        return 1
+
+    @Policy("early")
+    def stream() -> Iterator[int]:
+        yield 2
+
+    assert plain() == 1
+    assert list(stream()) == [2]
+    assert _telemetry.quiet()
+
+
+def test_bind_correlation_id_works_while_structlog_is_being_imported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    # Half-imported: the package and its submodule in sys.modules, nothing in them yet.
+    monkeypatch.setitem(sys.modules, "structlog", types.ModuleType("structlog"))
+    monkeypatch.setitem(
+        sys.modules, "structlog.contextvars", types.ModuleType("structlog.contextvars")
+    )
+    with reskit.bind_correlation_id("req-1"):
+        assert reskit.correlation_id() == "req-1"
+    assert reskit.correlation_id() is None
+
+
+def test_a_failing_hook_and_a_failing_log_filter_do_not_change_the_call(clock: FakeClock) -> None:
+    class Raising(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            raise OSError("log shipper down")
+
+    def hook(details: reskit.RetryDetails) -> None:
+        raise RuntimeError("hook bug")
+
+    answers: list[Any] = [ConnectionError(), "ok"]
+
+    def flaky() -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    logger = logging.getLogger("reskit")
+    broken = Raising()
+    logger.addFilter(broken)
+    try:
+        retry = Retry(2, on=ConnectionError, wait=0, on_retry=hook)
+        assert Policy("hooked", retry=retry).call(flaky) == "ok"
+    finally:
+        logger.removeFilter(broken)
+
+
+def test_all_events_of_a_retried_call_share_one_id_when_a_transition_comes_first(
+    caplog: pytest.LogCaptureFixture, clock: FakeClock
+) -> None:
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=1.0)
+    answers: list[Any] = [ConnectionError(), "ok"]
+
+    def flaky() -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    # The first failure opens the breaker (its first event); the retry waits for the
+    # breaker to half-open, within the deadline, and the probe closes it.
+    policy = Policy(
+        "first", deadline=10.0, retry=Retry(3, on=ConnectionError, wait=0), breaker=breaker
+    )
+    with caplog.at_level(logging.INFO, logger="reskit"):
+        assert policy.call(flaky) == "ok"
+    events = [
+        (record.event, record.correlation_id)  # type: ignore[attr-defined]
+        for record in caplog.records
+        if hasattr(record, "event")
+    ]
+    assert [event for event, _ in events] == [
+        "reskit.breaker.opened",
+        "reskit.retry.scheduled",  # after the failure
+        "reskit.retry.scheduled",  # after CircuitOpen: waiting for the breaker
+        "reskit.breaker.half_opened",
+        "reskit.breaker.closed",
+    ]
+    assert len({cid for _, cid in events}) == 1
+
+
+def test_gauges_appear_for_code_that_only_admits() -> None:
+    from reskit.testing import SpanCapture
+
+    policy = Policy("edge", bulkhead=Bulkhead(2, name="edge-slots"))
+    with SpanCapture() as capture:  # configured after the bulkhead was built
+        with policy.admit():
+            pass
+        gauges = capture.metrics()
+    assert "reskit.bulkhead.occupancy" in gauges

@@ -66,10 +66,13 @@ _SPARE_PARTITIONS = 16
 class _Partition:
     """The slots and queue of one key (or of the whole bulkhead); also the permit."""
 
-    __slots__ = ("free", "key", "unissued", "waiters")
+    __slots__ = ("free", "key", "stale", "unissued", "waiters")
 
     def __init__(self, key: str | None, size: int) -> None:
         self.key = key
+        # Set in a forked child on the partitions it inherited and replaced: a slot
+        # taken from one before the fork is then given back to nothing.
+        self.stale = False
         # One token per free slot that has been handed out before (see the module
         # docstring for why a list), and the slots never handed out yet. Always:
         # len(free) + unissued + slots in use == max_concurrent.
@@ -326,9 +329,12 @@ class Bulkhead:
 
     def _after_fork(self) -> None:
         # In a forked child only the forking thread exists: the slots other threads
-        # held would never come back and their waiters never wake. Start empty; a
-        # slot the forking thread itself held is given back to the old partition
-        # object, which nothing uses any more.
+        # held would never come back and their waiters never wake. Start empty; the
+        # old partitions are marked stale, so a slot the forking thread itself held
+        # (a call or an admission in progress at the fork) is recorded as nothing.
+        self._default.stale = True
+        for part in self._partitions.values():
+            part.stale = True
         self._lock = threading.Lock()
         self._default = _Partition(None, self._max_concurrent)
         self._partitions = {}
@@ -543,6 +549,8 @@ class Bulkhead:
 
         .. versionadded:: 0.1.0
         """
+        if permit.stale:
+            return
         if not permit.free and not permit.unissued:
             # ``retry_after`` is only ever asked for while slots are short, so
             # only calls ending in a full partition feed its estimate: the

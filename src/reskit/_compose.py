@@ -133,6 +133,8 @@ class _Writer:
         # What a deadline TimeoutExceeded reports as its limit: the deadline layer's
         # ``limit`` variable, or None when the policy only inherits a deadline.
         self.limit = "None"
+        # Whether the layer being written runs inside the retry loop.
+        self.in_retry = False
 
     def __call__(self, *lines: str) -> None:
         pad = "    " * self.depth
@@ -207,6 +209,11 @@ def _gate(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     with w.block("try:"):
         inner()
     with w.block("except BaseException as exc:"):
+        if w.in_retry:
+            # A failed attempt of a retried call: its ID is made now, before the
+            # breaker may log a transition, so all the call's events share it.
+            w("if rcall is None:", "    rcall = _RetryCall(RETRY, NAME, began, fn, args, kwargs)")
+            w("_bind_call_id(rcall)")
         if w.kind.is_stream:
             # Not held any more, even if recording raises: never recorded twice.
             w(f"permit, p{i} = p{i}, _NOT_HELD", f"g{i}_record(permit, exc, {duration})")
@@ -258,7 +265,9 @@ def _retry(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     # coroutine function), so async drivers always run the flow with arun_flow.
     run = "await _arun_flow" if w.kind.is_async else "_run_flow"
     with w.block("try:"):
+        w.in_retry = True
         _retry_loop(w, retry, run, inner)
+        w.in_retry = False
     with w.block("finally:"):
         # A correlation ID made for this call's retry events ends with the call.
         w("if rcall is not None and rcall.cid_token is not None:")
@@ -437,13 +446,14 @@ def _layers_of(policy: Policy, kind: Kind) -> list[_Layer]:
 
 
 # "Nothing records": the test of _telemetry.quiet(), inlined where calls start.
-# OpenTelemetry is only looked at once somebody imported it.
+# OpenTelemetry is only looked at once somebody imported it, and read with a
+# default: another thread may be importing it, its slots not yet defined.
 _QUIET = (
     "_tel._tp_override is None and _tel._mp_override is None"
     " and ('opentelemetry.trace' not in _modules"
-    " or _modules['opentelemetry.trace']._TRACER_PROVIDER is None)"
+    " or getattr(_modules['opentelemetry.trace'], '_TRACER_PROVIDER', None) is None)"
     " and ('opentelemetry.metrics._internal' not in _modules"
-    " or _modules['opentelemetry.metrics._internal']._METER_PROVIDER is None)"
+    " or getattr(_modules['opentelemetry.metrics._internal'], '_METER_PROVIDER', None) is None)"
 )
 
 
@@ -741,14 +751,21 @@ def _decider(name: str, counters: Counters) -> Callable[..., Flow[float | None]]
         counters.retries += 1
         if obs is not None:
             obs.retry(rcall.attempt, delay, exc, result)
-        if rcall.cid_token is None and _correlation_id.get() is None:
-            # Every event carries a correlation ID: one made for this call, current
-            # until it ends, so its later events (a breaker opening) carry it too.
-            rcall.cid_token = _correlation_id.set(new_correlation_id())
+        _bind_call_id(rcall)
         log_retry(name, rcall.attempt, delay, exc, result)
         return delay
 
     return decide
+
+
+def _bind_call_id(rcall: RetryCall) -> None:
+    """Give a retried call a correlation ID for its events, if none is bound.
+
+    It stays current until the call ends (the retry layer resets it), so every
+    event of the call, retries and the breaker transitions they cause, carries it.
+    """
+    if rcall.cid_token is None and _correlation_id.get() is None:
+        rcall.cid_token = _correlation_id.set(new_correlation_id())
 
 
 def _awaitable_fallback(value: Any, exc: BaseException, name: str) -> None:
@@ -780,6 +797,7 @@ _HELPERS: dict[str, Any] = {
     "_tel": _telemetry,
     "_modules": sys.modules,
     "_correlation_id": _correlation_id,
+    "_bind_call_id": _bind_call_id,
     "_NO_FALLBACK": _NO_FALLBACK,
     "_NOT_HELD": _NOT_HELD,
     "_Rejected": Rejected,

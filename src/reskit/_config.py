@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import random
 import threading
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -41,9 +42,15 @@ class _Config:
 
 CONFIG = _Config()
 
+#: The random source of jitter (retry backoff, throttle draws) when none is given.
+#: Jitter needs spread, not secrecy; one source serves every policy, and a forked
+#: child reseeds it, or every worker of a prefork server would back off in step.
+JITTER = random.Random()
+
 
 def _renew_config_lock() -> None:
     CONFIG.lock = threading.Lock()
+    JITTER.seed()
 
 
 if hasattr(os, "register_at_fork"):

@@ -90,16 +90,21 @@ def bind_correlation_id(value: str | None = None) -> Iterator[str]:
             "generate one with reskit.new_correlation_id() instead of passing this value"
         )
     token = _correlation_id.set(value)
-    # Only an application that uses structlog has imported it; reskit does not.
-    structlog = sys.modules.get("structlog")
-    log_tokens = structlog.contextvars.bind_contextvars(correlation_id=value) if structlog else None
+    log_tokens = None
+    # Only an application that uses structlog has imported it; reskit does not. (It
+    # may be half-imported by another thread: then it is not bound to yet.)
+    contextvars = sys.modules.get("structlog.contextvars")
     try:
+        bind = getattr(contextvars, "bind_contextvars", None)
+        if bind is not None:
+            log_tokens = bind(correlation_id=value)
         yield value
     finally:
-        if log_tokens is not None:
-            assert structlog is not None
-            structlog.contextvars.reset_contextvars(**log_tokens)
-        _correlation_id.reset(token)
+        try:
+            if log_tokens is not None:
+                contextvars.reset_contextvars(**log_tokens)  # type: ignore[union-attr]
+        finally:
+            _correlation_id.reset(token)
 
 
 def remaining_deadline() -> float | None:

@@ -231,16 +231,22 @@ class Observation:
                 if state is not None:
                     changed["reskit.breaker.state"] = state
                 span.set_attributes(changed)
-            if exc is not None:
-                span.record_exception(exc)
-                if self.outcome != "cancelled":
-                    api = _otel()
-                    span.set_status(api.Status(api.ERROR, type(exc).__qualname__))
-            elif self.outcome == "failure":
+        except Exception as failed:
+            _report("the OpenTelemetry span (setting attributes)", failed)
+        if exc is not None:
+            try:
+                span.record_exception(exc)  # the SDK calls str(exc), which may raise
+            except Exception as failed:
+                _report("the OpenTelemetry span (recording an exception)", failed)
+        try:
+            if exc is not None and self.outcome != "cancelled":
+                api = _otel()
+                span.set_status(api.Status(api.ERROR, type(exc).__qualname__))
+            elif exc is None and self.outcome == "failure":
                 api = _otel()
                 span.set_status(api.Status(api.ERROR, "the result still failed on_result"))
         except Exception as failed:
-            _report("the OpenTelemetry span (setting attributes)", failed)
+            _report("the OpenTelemetry span (setting its status)", failed)
         try:
             span.end()
         except Exception as failed:

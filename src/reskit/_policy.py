@@ -19,7 +19,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from . import _clock, _fork
+from . import _clock, _fork, _telemetry
 from ._compose import Kind, compile_driver, kind_of
 from ._config import Frozen, seconds
 from ._fallback import Fallback
@@ -423,6 +423,9 @@ class Admission:
     def _begin(self) -> list[Any]:
         if self._permits is not None:
             raise RuntimeError("a policy admission is used once; call policy.admit() again")
+        # Notices telemetry configured since the last look, so the gates' gauges
+        # appear for code that only admits (as a decorated call would).
+        _telemetry.sink()
         self._policy._counters.calls += 1
         self._permits = []
         return self._permits

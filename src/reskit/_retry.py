@@ -12,7 +12,6 @@ for authentication).
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 import random as _random_module
 import threading
@@ -29,8 +28,8 @@ from tenacity.retry import retry_base
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from . import _clock, _fork
-from ._config import CONFIG, MAX_WAIT, Frozen, seconds, setting, window_seconds
+from . import _clock, _fork, _telemetry
+from ._config import CONFIG, JITTER, MAX_WAIT, Frozen, seconds, setting, window_seconds
 from ._errors import CircuitOpen, Rejected, RetryBudgetExhausted, TimeoutExceeded
 
 __all__ = [
@@ -56,7 +55,6 @@ DEFAULT_BUDGET_WINDOW = 10.0
 # 2.0 ** 1024 overflows a float; any exponent past 64 is capped anyway.
 _MAX_EXPONENT = 64
 
-_log = logging.getLogger("reskit")
 
 ExceptionFilter = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[Exception], bool]
@@ -539,7 +537,7 @@ class Retry(Frozen):
         # tenacity's strategies may read the time since the call began: only then
         # is the start worth a clock read on the success path.
         init(self, "_timed", retry is not None or stop is not None or tenacity_wait is not None)
-        init(self, "_random", random if random is not None else _random_module.Random())
+        init(self, "_random", random if random is not None else JITTER)
 
     def backoff(self, attempt: int) -> float:
         """The default full-jitter wait after failed attempt number ``attempt``.
@@ -800,10 +798,8 @@ class RetryCall:
             details = RetryDetails(self.policy, self.attempt, delay, self.slept, exc, result)
             try:
                 yield from _ask(hook, details)
-            except Exception:
-                _log.exception(
-                    "reskit: the on_retry hook of policy %r raised; ignored", self.policy
-                )
+            except Exception as failed:
+                _telemetry.report(f"the on_retry hook of policy {self.policy!r}", failed)
         self.attempt += 1
         self.slept += delay
         return delay

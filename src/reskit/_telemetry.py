@@ -180,10 +180,9 @@ _sink: Sink | None = None
 
 def _global_providers() -> tuple[object, object]:
     """The API's global providers, without importing the API when nobody has."""
-    trace = _modules.get(_TRACE)
-    metrics = _modules.get(_METRICS)
-    tp = trace._TRACER_PROVIDER if trace is not None else None
-    mp = metrics._METER_PROVIDER if metrics is not None else None
+    # getattr with a default: another thread may be half-way through importing them.
+    tp = getattr(_modules.get(_TRACE), "_TRACER_PROVIDER", None)
+    mp = getattr(_modules.get(_METRICS), "_METER_PROVIDER", None)
     return tp, mp
 
 
@@ -191,11 +190,8 @@ def quiet() -> bool:
     """Whether nothing records now (the drivers inline this test)."""
     if _tp_override is not None or _mp_override is not None:
         return False
-    trace = _modules.get(_TRACE)
-    if trace is not None and trace._TRACER_PROVIDER is not None:
-        return False
-    metrics = _modules.get(_METRICS)
-    return metrics is None or metrics._METER_PROVIDER is None
+    tp, mp = _global_providers()
+    return tp is None and mp is None
 
 
 def sink() -> Sink | None:
@@ -234,7 +230,7 @@ def _refresh(tp: Any, mp: Any) -> Sink | None:
 def current_span() -> Span | None:
     """The current span if it records, else ``None`` (never imports the API)."""
     trace = _modules.get(_TRACE)
-    if trace is None:
+    if trace is None or not hasattr(trace, "get_current_span"):
         return None
     try:
         span = trace.get_current_span()

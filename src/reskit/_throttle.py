@@ -25,7 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 from . import _clock, _fork
-from ._config import seconds, setting, window_seconds
+from ._config import JITTER, seconds, setting, window_seconds
 from ._errors import Throttled
 
 __all__ = ["DEFAULT_THROTTLE_K", "DEFAULT_THROTTLE_WINDOW", "AdaptiveThrottle"]
@@ -156,7 +156,7 @@ class AdaptiveThrottle:
         self._name = name
         if random is not None and not isinstance(random, _random.Random):
             raise TypeError(f"random must be a random.Random instance, got {random!r}")
-        self._random = random if random is not None else _random.Random()
+        self._random = random if random is not None else JITTER
         self._lock = threading.Lock()
         self._buckets: deque[_Bucket] = deque()
         self._requests = 0

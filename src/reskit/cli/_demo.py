@@ -652,9 +652,9 @@ class Display:
                 counts.update(by_outcome)
             retries = sum(self.collector.retries(scene.name) for scene in self.scenes)
             self.out.write(
-                f"{elapsed:6.1f}s  {done}/{self.total}  success {counts['success']}"
-                f"  fallback {counts['fallback']}  rejected {counts['rejected']}"
-                f"  failure {counts['failure']}  retries {retries}\n"
+                f"{elapsed:5.1f}s {done}/{self.total}: {counts['success']} ok, "
+                f"{counts['fallback']} fallback, {counts['rejected']} rejected, "
+                f"{counts['failure']} failed, {retries} retries\n"
             )
             self.out.flush()
             return
