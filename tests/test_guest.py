@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -643,6 +644,16 @@ async def test_an_async_deadline_names_its_own_limit(clock: FakeClock) -> None:
 # -- found in review ---------------------------------------------------------------------------
 
 
+@pytest.fixture
+def unwatched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The telemetry watch as in a process that has not imported OpenTelemetry yet."""
+    watch = _telemetry.watch
+    for slot in type(watch).__slots__:
+        monkeypatch.setattr(watch, slot, getattr(watch, slot))
+    type(watch).__init__(watch)
+
+
+@pytest.mark.usefixtures("unwatched")
 def test_calls_work_while_another_thread_is_importing_opentelemetry(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -667,6 +678,73 @@ def test_calls_work_while_another_thread_is_importing_opentelemetry(
     assert plain() == 1
     assert list(stream()) == [2]
     assert _telemetry.quiet()
+    # Nothing adopted a module without its slot: once the import finishes
+    # (the slot appears), the next call that looks adopts it.
+    watch = _telemetry.watch
+    assert (watch.trace_module, watch.metrics_module) == (None, None)
+    sys.modules["opentelemetry.trace"]._TRACER_PROVIDER = None  # type: ignore[attr-defined]
+    assert plain() == 1
+    assert watch.trace_module is sys.modules["opentelemetry.trace"]
+    assert watch.metrics_module is None
+    assert not watch.settled
+    assert _telemetry.quiet()
+
+
+def test_opentelemetry_imported_and_configured_after_the_first_calls_is_picked_up() -> None:
+    # The order of a service that imports reskit before its telemetry setup:
+    # calls before the API exists, with only the trace API, then with providers.
+    code = textwrap.dedent(
+        """
+        import sys
+        from reskit import Policy, _telemetry
+
+        @Policy("early")
+        def work():
+            return 1
+
+        assert work() == 1 and "opentelemetry.trace" not in sys.modules
+        assert _telemetry.watch.blank
+
+        import opentelemetry.trace
+        assert "opentelemetry.metrics._internal" not in sys.modules
+        assert work() == 1 and _telemetry.quiet()
+
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+            InMemorySpanExporter,
+        )
+
+        assert work() == 1 and _telemetry.quiet()
+        exporter = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(tracer_provider)
+        assert work() == 1
+        assert _telemetry.watch.settled
+        reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        assert work() == 1
+        calls = [
+            point.value
+            for rm in reader.get_metrics_data().resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+            if metric.name == "reskit.calls"
+            for point in metric.data.data_points
+        ]
+        print(len(exporter.get_finished_spans()), calls)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("2 [1]\n", "")
 
 
 def test_bind_correlation_id_works_while_structlog_is_being_imported(

@@ -446,14 +446,17 @@ def _layers_of(policy: Policy, kind: Kind) -> list[_Layer]:
 
 
 # "Nothing records": the test of _telemetry.quiet(), inlined where calls start.
-# OpenTelemetry is only looked at once somebody imported it, and read with a
-# default: another thread may be importing it, its slots not yet defined.
+# It reads the providers in force through _telemetry.watch; an API module that
+# is imported but not adopted yet fails the test, and _sink() adopts it.
 _QUIET = (
-    "_tel._tp_override is None and _tel._mp_override is None"
-    " and ('opentelemetry.trace' not in _modules"
-    " or getattr(_modules['opentelemetry.trace'], '_TRACER_PROVIDER', None) is None)"
-    " and ('opentelemetry.metrics._internal' not in _modules"
-    " or getattr(_modules['opentelemetry.metrics._internal'], '_METER_PROVIDER', None) is None)"
+    "(_W.trace._TRACER_PROVIDER is None and _W.metrics._METER_PROVIDER is None)"
+    " if _W.settled else"
+    " ('opentelemetry.trace' not in _modules"
+    " and 'opentelemetry.metrics._internal' not in _modules)"
+    " if _W.blank else"
+    " (_W.trace._TRACER_PROVIDER is None and _W.metrics._METER_PROVIDER is None"
+    " and (_W.trace_resolved or 'opentelemetry.trace' not in _modules)"
+    " and (_W.metrics_resolved or 'opentelemetry.metrics._internal' not in _modules))"
 )
 
 
@@ -795,6 +798,7 @@ _HELPERS: dict[str, Any] = {
     "_Observation": Observation,
     "_sink": _telemetry.sink,
     "_tel": _telemetry,
+    "_W": _telemetry.watch,
     "_modules": sys.modules,
     "_correlation_id": _correlation_id,
     "_bind_call_id": _bind_call_id,

@@ -178,12 +178,110 @@ _seen_mp: object = None
 _sink: Sink | None = None
 
 
+class _Unset:
+    """Stands in for an OpenTelemetry API module nobody has imported yet."""
+
+    __slots__ = ()
+    _TRACER_PROVIDER = None
+    _METER_PROVIDER = None
+
+
+class _Fixed:
+    """Stands in for an API module while configure_telemetry() overrides its provider."""
+
+    __slots__ = ("_METER_PROVIDER", "_TRACER_PROVIDER")
+
+    def __init__(self, provider: object) -> None:
+        self._TRACER_PROVIDER = self._METER_PROVIDER = provider
+
+
+class _Watch:
+    """Where every call reads the tracer and meter providers in force.
+
+    A driver's "does anything record?" test reads ``watch.trace._TRACER_PROVIDER``
+    and ``watch.metrics._METER_PROVIDER``: the API modules themselves once
+    adopted, a :class:`_Fixed` while :func:`configure_telemetry` overrides one.
+    Finding the modules in ``sys.modules`` and reading them with ``getattr``
+    defaults on every call cost more than the circuit breaker the test guards.
+
+    Until a module is adopted (``*_resolved`` is false) the drivers also look
+    for it in ``sys.modules``; once it is there they call :func:`sink`, which
+    adopts it, but only once its slot exists: another thread may be half-way
+    through importing it. ``settled`` (both resolved: OpenTelemetry in use) and
+    ``blank`` (neither: OpenTelemetry not imported) are the two common cases,
+    each tested with the fewest reads.
+    """
+
+    __slots__ = (
+        "blank",
+        "metrics",
+        "metrics_module",
+        "metrics_resolved",
+        "settled",
+        "trace",
+        "trace_module",
+        "trace_resolved",
+    )
+
+    def __init__(self) -> None:
+        self.trace_module: Any = None
+        self.metrics_module: Any = None
+        self.trace: Any = _UNSET
+        self.metrics: Any = _UNSET
+        self.trace_resolved = self.metrics_resolved = self.settled = False
+        self.blank = True
+
+    def adopt(self) -> None:
+        adopted = False
+        if self.trace_module is None:
+            module = _modules.get(_TRACE)
+            if module is not None and hasattr(module, "_TRACER_PROVIDER"):
+                self.trace_module = module
+                adopted = True
+        if self.metrics_module is None:
+            module = _modules.get(_METRICS)
+            if module is not None and hasattr(module, "_METER_PROVIDER"):
+                self.metrics_module = module
+                adopted = True
+        if adopted:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Point the drivers at the overrides in force, else the adopted modules."""
+        # Sources first, flags last: a call racing with this sees the new
+        # source, or an unresolved flag that sends it the long way round.
+        self.trace = (
+            _Fixed(_tp_override)
+            if _tp_override is not None
+            else self.trace_module
+            if self.trace_module is not None
+            else _UNSET
+        )
+        self.metrics = (
+            _Fixed(_mp_override)
+            if _mp_override is not None
+            else self.metrics_module
+            if self.metrics_module is not None
+            else _UNSET
+        )
+        self.trace_resolved = _tp_override is not None or self.trace_module is not None
+        self.metrics_resolved = _mp_override is not None or self.metrics_module is not None
+        self.settled = self.trace_resolved and self.metrics_resolved
+        self.blank = not (self.trace_resolved or self.metrics_resolved)
+
+
+_UNSET = _Unset()
+watch = _Watch()
+
+
 def _global_providers() -> tuple[object, object]:
     """The API's global providers, without importing the API when nobody has."""
-    # getattr with a default: another thread may be half-way through importing them.
-    tp = getattr(_modules.get(_TRACE), "_TRACER_PROVIDER", None)
-    mp = getattr(_modules.get(_METRICS), "_METER_PROVIDER", None)
-    return tp, mp
+    w = watch
+    if w.trace_module is None or w.metrics_module is None:
+        w.adopt()
+    trace = w.trace_module or _UNSET
+    metrics = w.metrics_module or _UNSET
+    return trace._TRACER_PROVIDER, metrics._METER_PROVIDER
 
 
 def quiet() -> bool:
@@ -266,6 +364,7 @@ class _RestoreTelemetry:
     ) -> None:
         global _tp_override, _mp_override
         _tp_override, _mp_override = self._previous
+        watch.refresh()
 
 
 def configure_telemetry(
@@ -285,6 +384,7 @@ def configure_telemetry(
     global _tp_override, _mp_override
     previous = (_tp_override, _mp_override)
     _tp_override, _mp_override = tracer_provider, meter_provider
+    watch.refresh()
     return _RestoreTelemetry(previous)
 
 
