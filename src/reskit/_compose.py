@@ -797,7 +797,6 @@ _HELPERS: dict[str, Any] = {
     "_RetryCall": RetryCall,
     "_Observation": Observation,
     "_sink": _telemetry.sink,
-    "_tel": _telemetry,
     "_W": _telemetry.watch,
     "_modules": sys.modules,
     "_correlation_id": _correlation_id,

@@ -5,9 +5,10 @@ Three rules, from the project's principles:
 - **Nothing records unless the application asked.** reskit depends on
   ``opentelemetry-api`` but never imports it on its own: an application that
   configured a tracer or meter provider has imported it, so the hot path
-  looks in ``sys.modules`` and at the API's global provider slots (a few
-  attribute reads) and, when nothing is set, skips spans and metrics entirely.
-  A provider configured later is noticed by the next call. Log events go to the
+  reads the API's global provider slots through :data:`watch` (a few attribute
+  reads; the watch adopts the API modules once they are in ``sys.modules``) and,
+  when nothing is set, skips spans and metrics entirely. A provider configured
+  later is noticed by the next call. Log events go to the
   stdlib logger ``reskit`` (which has a ``NullHandler``, so it is silent until
   the application configures logging), or through structlog when the
   application configured structlog.
