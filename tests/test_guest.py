@@ -448,7 +448,8 @@ FORK_PROGRAM = textwrap.dedent(
     holding, release = threading.Event(), threading.Event()
 
     def hold_the_lock():
-        with breaker._lock:  # another thread holds it at the moment of the fork
+        # Another thread holds them at the moment of the fork.
+        with breaker._lock, reskit._telemetry.watch._lock:
             holding.set()
             release.wait()
 
@@ -465,6 +466,7 @@ FORK_PROGRAM = textwrap.dedent(
         try:
             assert timed.call(lambda: 2) == 2  # no spurious timeout: workers renewed
             assert Policy("b", breaker=breaker).call(lambda: 3) == 3  # no deadlock
+            reskit.configure_telemetry()  # nor here: the telemetry watch's lock
             with Policy("bh", bulkhead=bulkhead).admit():
                 pass  # the parent's slot is not the child's
             # A slot the forking thread held is given back to nothing, without error.
@@ -688,6 +690,113 @@ def test_calls_work_while_another_thread_is_importing_opentelemetry(
     assert watch.metrics_module is None
     assert not watch.settled
     assert _telemetry.quiet()
+
+
+def _paused_in_refresh(target: Callable[[], object]) -> tuple[threading.Thread, threading.Event]:
+    """Run ``target`` in a thread that stops inside ``_Watch._refresh_locked``.
+
+    Returns the thread, already stopped there, and the event that lets it go on.
+    """
+    import inspect
+
+    lines, first = inspect.getsourcelines(_telemetry._Watch._refresh_locked)
+    # Stop once the sources are decided and before they are stored.
+    stop_at = first + next(i for i, line in enumerate(lines) if "self.trace = (" in line)
+    paused, go = threading.Event(), threading.Event()
+
+    def local(frame: Any, event: str, arg: object) -> Any:
+        if event == "line" and frame.f_lineno == stop_at and not paused.is_set():
+            paused.set()
+            go.wait(10)
+        return local
+
+    def tracer(frame: Any, event: str, arg: object) -> Any:
+        return local if frame.f_code is _telemetry._Watch._refresh_locked.__code__ else None
+
+    def run() -> None:
+        sys.settrace(tracer)
+        try:
+            target()
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert paused.wait(10)
+    return thread, go
+
+
+@pytest.mark.usefixtures("unwatched")
+@pytest.mark.parametrize("racer", ["configure_telemetry", "adopting the metrics API"])
+def test_refreshes_of_the_watch_take_turns(monkeypatch: pytest.MonkeyPatch, racer: str) -> None:
+    # Found in review: a refresh that stored its sources after an overlapping
+    # one left the watch "settled" on a stale source, so spans or metrics were
+    # lost for the rest of the process.
+    watch = _telemetry.watch
+    metrics_api = sys.modules["opentelemetry.metrics._internal"]
+    provider = TracerProvider()
+    if racer == "configure_telemetry":
+        first, go = _paused_in_refresh(watch.adopt)
+
+        def second() -> None:
+            reskit.configure_telemetry(tracer_provider=provider)
+            done.set()
+    else:
+        # The first call sees only the trace API; the second, the metrics API too.
+        monkeypatch.delitem(sys.modules, "opentelemetry.metrics._internal")
+        first, go = _paused_in_refresh(watch.adopt)
+        monkeypatch.setitem(sys.modules, "opentelemetry.metrics._internal", metrics_api)
+
+        def second() -> None:
+            watch.adopt()
+            done.set()
+
+    done = threading.Event()
+    racing = threading.Thread(target=second)
+    racing.start()
+    # The second refresh waits for the first (not a wait for time to pass: a
+    # bound on something that must not happen while the first is stopped).
+    assert not done.wait(0.2)
+    go.set()
+    first.join(10)
+    racing.join(10)
+    try:
+        assert watch.settled
+        if racer == "configure_telemetry":
+            assert watch.trace._TRACER_PROVIDER is provider
+        else:
+            assert watch.metrics is metrics_api
+    finally:
+        reskit.configure_telemetry()
+
+
+def test_a_tracer_provider_alone_does_not_load_the_metrics_api() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        from opentelemetry import trace
+        from reskit import Policy
+
+        class Provider(trace.TracerProvider):
+            def get_tracer(self, *args, **kwargs):
+                return trace.NoOpTracer()
+
+        trace.set_tracer_provider(Provider())
+
+        @Policy("traced")
+        def work():
+            return 1
+
+        assert work() == 1
+        print(sorted(name for name in sys.modules if name.startswith("opentelemetry.metrics")))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("[]\n", "")
 
 
 def test_opentelemetry_imported_and_configured_after_the_first_calls_is_picked_up() -> None:

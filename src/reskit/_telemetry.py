@@ -210,10 +210,13 @@ class _Watch:
     adopts it, but only once its slot exists: another thread may be half-way
     through importing it. ``settled`` (both resolved: OpenTelemetry in use) and
     ``blank`` (neither: OpenTelemetry not imported) are the two common cases,
-    each tested with the fewest reads.
+    each tested with the fewest reads. An adopted module stays adopted: a harness
+    that purges OpenTelemetry from ``sys.modules`` and imports it again gets a
+    module whose providers reskit does not read (nothing else removes modules).
     """
 
     __slots__ = (
+        "_lock",
         "blank",
         "metrics",
         "metrics_module",
@@ -225,6 +228,9 @@ class _Watch:
     )
 
     def __init__(self) -> None:
+        # Refreshes take turns: two that overlap could otherwise store a stale
+        # source under fresh flags, and "settled" is never looked at again.
+        self._lock = threading.Lock()
         self.trace_module: Any = None
         self.metrics_module: Any = None
         self.trace: Any = _UNSET
@@ -233,46 +239,58 @@ class _Watch:
         self.blank = True
 
     def adopt(self) -> None:
-        adopted = False
-        if self.trace_module is None:
-            module = _modules.get(_TRACE)
-            if module is not None and hasattr(module, "_TRACER_PROVIDER"):
-                self.trace_module = module
-                adopted = True
-        if self.metrics_module is None:
-            module = _modules.get(_METRICS)
-            if module is not None and hasattr(module, "_METER_PROVIDER"):
-                self.metrics_module = module
-                adopted = True
-        if adopted:
-            self.refresh()
+        """Adopt the API modules that are now in ``sys.modules`` with their slots."""
+        with self._lock:
+            adopted = False
+            if self.trace_module is None:
+                module = _modules.get(_TRACE)
+                if module is not None and hasattr(module, "_TRACER_PROVIDER"):
+                    self.trace_module = module
+                    adopted = True
+            if self.metrics_module is None:
+                module = _modules.get(_METRICS)
+                if module is not None and hasattr(module, "_METER_PROVIDER"):
+                    self.metrics_module = module
+                    adopted = True
+            if adopted:
+                self._refresh_locked()
 
     def refresh(self) -> None:
         """Point the drivers at the overrides in force, else the adopted modules."""
+        with self._lock:
+            self._refresh_locked()
+
+    def _refresh_locked(self) -> None:
+        tp, mp = _tp_override, _mp_override
         # Sources first, flags last: a call racing with this sees the new
         # source, or an unresolved flag that sends it the long way round.
         self.trace = (
-            _Fixed(_tp_override)
-            if _tp_override is not None
+            _Fixed(tp)
+            if tp is not None
             else self.trace_module
             if self.trace_module is not None
             else _UNSET
         )
         self.metrics = (
-            _Fixed(_mp_override)
-            if _mp_override is not None
+            _Fixed(mp)
+            if mp is not None
             else self.metrics_module
             if self.metrics_module is not None
             else _UNSET
         )
-        self.trace_resolved = _tp_override is not None or self.trace_module is not None
-        self.metrics_resolved = _mp_override is not None or self.metrics_module is not None
+        self.trace_resolved = tp is not None or self.trace_module is not None
+        self.metrics_resolved = mp is not None or self.metrics_module is not None
         self.settled = self.trace_resolved and self.metrics_resolved
         self.blank = not (self.trace_resolved or self.metrics_resolved)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
 
 
 _UNSET = _Unset()
 watch = _Watch()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=watch._after_fork)
 
 
 def _global_providers() -> tuple[object, object]:
@@ -309,13 +327,18 @@ def _refresh(tp: Any, mp: Any) -> Sink | None:
     meter: Meter | None = None
     new: Sink | None = None
     try:
-        from opentelemetry import metrics as otel_metrics
-        from opentelemetry.trace import NoOpTracerProvider
+        # Each API is imported only with a provider of its own: one that has a
+        # provider was imported by whoever made it; the other stays unloaded.
+        if tp is not None:
+            from opentelemetry.trace import NoOpTracerProvider
 
-        if tp is not None and not isinstance(tp, NoOpTracerProvider):
-            tracer = tp.get_tracer(_INSTRUMENTATION, _version())
-        if mp is not None and not isinstance(mp, otel_metrics.NoOpMeterProvider):
-            meter = mp.get_meter(_INSTRUMENTATION, _version())
+            if not isinstance(tp, NoOpTracerProvider):
+                tracer = tp.get_tracer(_INSTRUMENTATION, _version())
+        if mp is not None:
+            from opentelemetry.metrics import NoOpMeterProvider
+
+            if not isinstance(mp, NoOpMeterProvider):
+                meter = mp.get_meter(_INSTRUMENTATION, _version())
         new = Sink(tracer, meter) if tracer is not None or meter is not None else None
     except Exception as exc:  # a provider that cannot hand out a tracer or meter
         report("the OpenTelemetry provider", exc)
