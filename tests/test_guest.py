@@ -205,14 +205,21 @@ def test_a_probe_slot_is_never_lost_to_a_failing_sink(
     assert broken_log_sink.attempts >= 3
 
 
-def test_retries_go_on_through_any_fault(fault: str, clock: FakeClock) -> None:
-    answers: list[Any] = [ConnectionError(), ConnectionError(), "ok"]
+def scripted(*answers: Any) -> Callable[[], Any]:
+    """A function raising or returning ``answers`` in turn, one per call."""
+    queue = list(answers)
 
     def flaky() -> Any:
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
+        answer = queue.pop(0)
+        if isinstance(answer, BaseException):
             raise answer
         return answer
+
+    return flaky
+
+
+def test_retries_go_on_through_any_fault(fault: str, clock: FakeClock) -> None:
+    flaky = scripted(ConnectionError(), ConnectionError(), "ok")
 
     policy = Policy("faulty", retry=Retry(3, on=ConnectionError, wait=0.1))
     assert policy.call(flaky) == "ok"
@@ -384,13 +391,7 @@ def test_a_program_that_configured_nothing_hears_nothing_from_reskit(extra: str)
 def test_events_reach_stdlib_logging_with_a_correlation_id(
     caplog: pytest.LogCaptureFixture, clock: FakeClock
 ) -> None:
-    answers: list[Any] = [ConnectionError(), ConnectionError(), "ok"]
-
-    def flaky() -> Any:
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+    flaky = scripted(ConnectionError(), ConnectionError(), "ok")
 
     breaker = CircuitBreaker(fail_max=2)
     policy = Policy("logged", retry=Retry(3, on=ConnectionError, wait=0), breaker=breaker)
@@ -879,13 +880,7 @@ def test_a_failing_hook_and_a_failing_log_filter_do_not_change_the_call(clock: F
     def hook(details: reskit.RetryDetails) -> None:
         raise RuntimeError("hook bug")
 
-    answers: list[Any] = [ConnectionError(), "ok"]
-
-    def flaky() -> Any:
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+    flaky = scripted(ConnectionError(), "ok")
 
     logger = logging.getLogger("reskit")
     broken = Raising()
@@ -901,13 +896,7 @@ def test_all_events_of_a_retried_call_share_one_id_when_a_transition_comes_first
     caplog: pytest.LogCaptureFixture, clock: FakeClock
 ) -> None:
     breaker = CircuitBreaker(fail_max=1, reset_timeout=1.0)
-    answers: list[Any] = [ConnectionError(), "ok"]
-
-    def flaky() -> Any:
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+    flaky = scripted(ConnectionError(), "ok")
 
     # The first failure opens the breaker (its first event); the retry waits for the
     # breaker to half-open, within the deadline, and the probe closes it.
