@@ -26,7 +26,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import reskit
-from reskit import Bulkhead, CircuitBreaker, CircuitOpen, Policy, Retry, TimeoutExceeded, _telemetry
+from reskit import (
+    Bulkhead,
+    CircuitBreaker,
+    CircuitOpen,
+    Policy,
+    Retry,
+    TimeoutExceeded,
+    _clock,
+    _telemetry,
+)
 from reskit.testing import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +96,7 @@ class FailingExporter(SpanExporter):
 
     def export(self, spans: Any) -> SpanExportResult:
         if self.block:
-            threading.Event().wait(0.005)  # a slow collector, not a test waiting for time
+            _clock.sleep(0.005)  # a slow collector: time on the fault tests' fake clock
             return SpanExportResult.SUCCESS
         raise OSError("collector unreachable")
 
@@ -134,7 +143,7 @@ FAULTS = ["log sink", "span on_start", "span on_end", "exporter", "slow exporter
 
 
 @pytest.fixture(params=FAULTS)
-def fault(request: pytest.FixtureRequest) -> Iterator[str]:
+def fault(request: pytest.FixtureRequest, clock: FakeClock) -> Iterator[str]:
     name = request.param
     if name == "log sink":
         with logging_to(BrokenPipeLogger()):
@@ -587,25 +596,34 @@ def test_a_failing_call_with_a_timeout_leaves_no_reference_cycle() -> None:
         gc.enable()
 
 
-def test_abandoned_attempts_still_running_are_counted(clock: FakeClock) -> None:
+class _NotifyingLock(threading.Condition):
+    """A lock whose every release wakes the threads waiting on it as a condition."""
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.notify_all()
+        super().__exit__(*exc_info)
+
+
+def test_abandoned_attempts_still_running_are_counted(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from reskit import _timeout
 
+    pool = _timeout._WorkerPool()
+    pool._lock = lock = _NotifyingLock()  # type: ignore[assignment]
+    monkeypatch.setattr(_timeout, "_POOL", pool)
     release = threading.Event()
 
     def hung() -> None:
         clock.advance(2.0)
         release.wait(10)
 
-    before = _timeout._POOL.abandoned
     with pytest.raises(TimeoutExceeded):
         Policy("hung", timeout=1.0).call(hung)
-    assert _timeout._POOL.abandoned == before + 1
+    assert pool.abandoned == 1
     release.set()
-    for _ in range(1000):
-        if _timeout._POOL.abandoned == before:
-            break
-        threading.Event().wait(0.001)  # the worker finishing in its own thread
-    assert _timeout._POOL.abandoned == before
+    with lock:  # the worker finishes in its own thread, and says so under the lock
+        assert lock.wait_for(lambda: pool.abandoned == 0, timeout=10)
 
 
 # -- outcomes and limits of timeouts -----------------------------------------------------------
@@ -727,6 +745,24 @@ def _paused_in_refresh(target: Callable[[], object]) -> tuple[threading.Thread, 
     return thread, go
 
 
+class _ContentionSpy:
+    """A lock that records, and signals, a thread finding it taken."""
+
+    def __init__(self, signal: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self._signal = signal
+        self.contended = False
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.contended = True
+            self._signal.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
 @pytest.mark.usefixtures("unwatched")
 @pytest.mark.parametrize("racer", ["configure_telemetry", "adopting the metrics API"])
 def test_refreshes_of_the_watch_take_turns(monkeypatch: pytest.MonkeyPatch, racer: str) -> None:
@@ -734,6 +770,9 @@ def test_refreshes_of_the_watch_take_turns(monkeypatch: pytest.MonkeyPatch, race
     # one left the watch "settled" on a stale source, so spans or metrics were
     # lost for the rest of the process.
     watch = _telemetry.watch
+    progress = threading.Event()
+    lock = _ContentionSpy(progress)
+    monkeypatch.setattr(watch, "_lock", lock)
     metrics_api = sys.modules["opentelemetry.metrics._internal"]
     provider = TracerProvider()
     if racer == "configure_telemetry":
@@ -742,6 +781,7 @@ def test_refreshes_of_the_watch_take_turns(monkeypatch: pytest.MonkeyPatch, race
         def second() -> None:
             reskit.configure_telemetry(tracer_provider=provider)
             done.set()
+            progress.set()
     else:
         # The first call sees only the trace API; the second, the metrics API too.
         monkeypatch.delitem(sys.modules, "opentelemetry.metrics._internal")
@@ -751,13 +791,16 @@ def test_refreshes_of_the_watch_take_turns(monkeypatch: pytest.MonkeyPatch, race
         def second() -> None:
             watch.adopt()
             done.set()
+            progress.set()
 
     done = threading.Event()
     racing = threading.Thread(target=second)
     racing.start()
-    # The second refresh waits for the first (not a wait for time to pass: a
-    # bound on something that must not happen while the first is stopped).
-    assert not done.wait(0.2)
+    # The second refresh waits for the first: it finds the lock taken (or,
+    # without one, finishes while the first is stopped).
+    assert progress.wait(10)
+    assert lock.contended
+    assert not done.is_set()
     go.set()
     first.join(10)
     racing.join(10)
