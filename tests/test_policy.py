@@ -18,6 +18,8 @@ def test_public_names_are_exported_and_sorted() -> None:
     public = {name for name in dir(reskit) if not name.startswith("_")}
     submodules = {"testing", "cli"}
     assert public - submodules - {"annotations"} == set(reskit.__all__)
+    # Every name is loaded on first use from the module the lazy table names.
+    assert set(reskit._HOME) == set(reskit.__all__)
     for name in reskit.__all__:
         assert getattr(reskit, name).__doc__, f"{name} has no docstring"
 

@@ -90,21 +90,23 @@ def kind_of(fn: Callable[..., Any]) -> Kind:
             return Kind.FUNCTION
         return Kind.COROUTINE
     # Partials, callable objects, builtins: inspect unwraps them.
+    kind = _inspected_kind(fn)
+    if kind is not Kind.FUNCTION:
+        return kind
+    # A callable object: the kind of its class's __call__ (inherited or not).
+    call = None if isinstance(fn, type) else inspect.getattr_static(type(fn), "__call__", None)
+    if isinstance(call, types.FunctionType):
+        return _inspected_kind(call)
+    return Kind.FUNCTION
+
+
+def _inspected_kind(fn: Callable[..., Any]) -> Kind:
     if inspect.isasyncgenfunction(fn):
         return Kind.ASYNC_GENERATOR
     if inspect.isgeneratorfunction(fn):
         return Kind.GENERATOR
     if inspect.iscoroutinefunction(fn):
         return Kind.COROUTINE
-    # A callable object: the kind of its class's __call__ (inherited or not).
-    call = None if isinstance(fn, type) else inspect.getattr_static(type(fn), "__call__", None)
-    if isinstance(call, types.FunctionType):
-        if inspect.isasyncgenfunction(call):
-            return Kind.ASYNC_GENERATOR
-        if inspect.isgeneratorfunction(call):
-            return Kind.GENERATOR
-        if inspect.iscoroutinefunction(call):
-            return Kind.COROUTINE
     return Kind.FUNCTION
 
 
