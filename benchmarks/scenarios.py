@@ -315,6 +315,8 @@ def build_full_sync() -> Setup:
         retry=_retry(),
         breaker=breaker_cls(fail_max=5, reset_timeout=30),
         bulkhead=bulkhead_cls(max_concurrent=10),
+        kill_switch="bench-full",
+        shed_at=3,
         fallback=lambda exc: None,
     )
     return Setup(
@@ -338,6 +340,8 @@ def build_full_async() -> Setup:
         retry=_retry(),
         breaker=breaker_cls(fail_max=5, reset_timeout=30),
         bulkhead=bulkhead_cls(max_concurrent=10),
+        kill_switch="bench-full",
+        shed_at=3,
         fallback=lambda exc: None,
     )
 
@@ -382,6 +386,8 @@ def _full_policy(name: str, **extra: Any) -> reskit.Policy:
         retry=_retry(),
         breaker=_breaker_cls()(fail_max=5, reset_timeout=30),
         bulkhead=_bulkhead_cls()(max_concurrent=10),
+        kill_switch="bench-full",
+        shed_at=3,
         fallback=lambda exc: None,
         **extra,
     )
@@ -424,6 +430,48 @@ def build_async_generator() -> Setup:
         return 1
 
     return Setup(reskit=Variant("reskit", ours), competitor=Variant("bare async generator", bare))
+
+
+# -- issue 8 -------------------------------------------------------------------------
+
+
+def build_switch_check() -> Setup:
+    """The check a policy with kill_switch= and shed_at= makes on every call.
+
+    The engine inlines it (see ``_compose._gate``): one flag read per gate,
+    and a call into the gate only while a flag is up. Measured here as that
+    code, with the flags of real gates, against the cheapest way to keep the
+    same state by hand: a dict of switches and a compare with the level.
+    """
+    from reskit._switches import KillSwitch, brownout_gate
+
+    switch = KillSwitch("bench-check")
+    shed = brownout_gate(3)
+    f0, f1 = switch.flag, shed.flag
+    g0, g1 = switch.admit, shed.admit
+    killed = {"bench-check": False}
+    level = {"": 0}
+
+    def ours() -> int:
+        if f0.up:
+            g0("bench")
+        if f1.up:
+            g1("bench")
+        return 1
+
+    def by_hand() -> int:
+        if killed["bench-check"] or level[""] >= 3:
+            raise RuntimeError("off")
+        return 1
+
+    def nothing() -> int:
+        return 1
+
+    return Setup(
+        reskit=Variant("reskit", ours),
+        competitor=Variant("dict lookup + compare", by_hand),
+        extras=(Variant("no check", nothing),),
+    )
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -508,6 +556,15 @@ SCENARIOS: tuple[Scenario, ...] = (
         0.25,
         "tenacity+aiobreaker+timeout+sem",
         build_full_async,
+    ),
+    Scenario(
+        "switch-check",
+        "a policy's inlined kill-switch and brownout check vs a dict lookup plus a compare",
+        8,
+        "sync",
+        1.5,
+        "dict lookup + compare",
+        build_switch_check,
     ),
     Scenario(
         "sync-generator",

@@ -42,3 +42,18 @@ def _fresh_failure_reports() -> Iterator[None]:
     _telemetry._reported.clear()
     yield
     _telemetry._reported.clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts on an empty memory store: no switch or level leaks between tests."""
+    from reskit._store import configure
+    from reskit._switches import forget
+    from reskit.stores import MemoryStore
+
+    monkeypatch.delenv("RESKIT_STORE", raising=False)
+    forget()
+    configure(MemoryStore())
+    yield
+    forget()
+    configure(MemoryStore())

@@ -51,9 +51,9 @@ def wide_race_windows(monkeypatch: pytest.MonkeyPatch) -> None:
     class SlowProbe(_breaker._Probe):
         __slots__ = ()
 
-        def __init__(self, phase: _breaker._Phase, started: float) -> None:
+        def __init__(self, phase: _breaker._Phase, started: float, lease: object = None) -> None:
             time.sleep(0)
-            super().__init__(phase, started)
+            super().__init__(phase, started, lease)
 
     monkeypatch.setattr(_breaker, "_Phase", SlowPhase)
     monkeypatch.setattr(_breaker, "_Probe", SlowProbe)

@@ -33,12 +33,16 @@ SKIP_MARKER = "<!-- skip-example -->"
 # Pages that promise at least one runnable example.
 PAGES_WITH_EXAMPLES = (
     "architecture.md",
+    "audit.md",
     "breaker.md",
+    "brownout.md",
     "errors.md",
     "fallback.md",
+    "fleet.md",
     "migrating.md",
     "policy.md",
     "retries.md",
+    "switches.md",
     "telemetry.md",
     "testing.md",
     "timeouts.md",

@@ -54,6 +54,8 @@ class Scripted(random.Random):
 def test_the_order_table_is_the_documented_canonical_order() -> None:
     assert [row.keyword for row in ORDER] == [
         "fallback",
+        "kill_switch",
+        "shed_at",
         "bulkhead",
         "deadline",
         "retry",
@@ -62,7 +64,7 @@ def test_the_order_table_is_the_documented_canonical_order() -> None:
         "throttle",
         "timeout",
     ]
-    assert [row.keyword for row in outer_gates()] == ["bulkhead"]
+    assert [row.keyword for row in outer_gates()] == ["kill_switch", "shed_at", "bulkhead"]
     # Every keyword is a Policy keyword.
     parameters = inspect.signature(Policy).parameters
     assert all(row.keyword in parameters for row in ORDER if row.keyword is not None)

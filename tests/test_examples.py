@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import subprocess
 import sys
@@ -85,6 +86,27 @@ def test_quickstart_runs() -> None:
     assert "inner call sees" in out
     assert "correlation_id=order-1234" in out
     assert "outside any policy: remaining_deadline() = None" in out
+
+
+def test_switches_example_runs() -> None:
+    env = {key: value for key, value in os.environ.items() if key != "RESKIT_STORE"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "switches.py")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("normal:       reviews=['boots: five stars']")
+    assert lines[1].startswith("brownout 2:   reviews=[] recommended=['people who bought")
+    assert lines[2].startswith("vip tenant:   reviews=['boots: five stars']")
+    assert lines[3].endswith("| is_killed: True")
+    assert "switch 'reviews': owner team-reviews, killed=False" in lines
+    assert lines[-1] == "audit log intact: 6 entries, one unbroken chain"
+    assert proc.stderr == ""
 
 
 def test_stock_is_served_live(starlette_example: ModuleType, serve: Callable[[Any], str]) -> None:

@@ -16,7 +16,7 @@ from reskit.testing import FakeClock
 def test_public_names_are_exported_and_sorted() -> None:
     assert reskit.__all__ == sorted(reskit.__all__)
     public = {name for name in dir(reskit) if not name.startswith("_")}
-    submodules = {"testing", "cli"}
+    submodules = {"testing", "cli", "stores", "openfeature"}
     assert public - submodules - {"annotations"} == set(reskit.__all__)
     # Every name is loaded on first use from the module the lazy table names.
     assert set(reskit._HOME) == set(reskit.__all__)
@@ -167,15 +167,6 @@ def test_timeout_inside_retry_each_attempt_gets_a_fresh_timeout(clock: FakeClock
     with pytest.raises(ConnectionError):
         policy.call(fn)
     assert starts == [1.0, 1.0, 1.0]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "feature"),
-    [({"kill_switch": "payments"}, "kill switches"), ({"shed_at": 2}, "brownout")],
-)
-def test_unshipped_features_raise_not_implemented(kwargs: dict[str, Any], feature: str) -> None:
-    with pytest.raises(NotImplementedError, match=feature):
-        Policy("p", **kwargs)
 
 
 @pytest.mark.parametrize(

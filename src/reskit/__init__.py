@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from typing import Any
 
     from ._adaptive import AdaptiveLimit, AIMDLimit, GradientLimit
+    from ._audit import (
+        AuditEntry,
+        Verification,
+    )
     from ._breaker import BreakerState, CircuitBreaker
     from ._bulkhead import Bulkhead
     from ._context import (
@@ -41,6 +45,33 @@ if TYPE_CHECKING:
     from ._policy import Policy
     from ._retry import Retry, RetryBudget, RetryDetails
     from ._stats import PolicyStatistics
+    from ._store import (
+        StoreUnavailable,
+        configure,
+        current_store,
+    )
+    from ._switches import (
+        KillSwitch,
+        SwitchInfo,
+        aforce_breaker,
+        aforget_switch,
+        akill,
+        arelease_breaker,
+        arevive,
+        aset_brownout_level,
+        bind_tenant,
+        brownout_level,
+        current_tenant,
+        force_breaker,
+        forget_switch,
+        is_killed,
+        kill,
+        kill_switch,
+        release_breaker,
+        revive,
+        set_brownout_level,
+        switches,
+    )
     from ._telemetry import configure_telemetry
     from ._throttle import AdaptiveThrottle
 
@@ -48,6 +79,7 @@ __all__ = [
     "AIMDLimit",
     "AdaptiveLimit",
     "AdaptiveThrottle",
+    "AuditEntry",
     "BreakerState",
     "Bulkhead",
     "BulkheadFull",
@@ -58,6 +90,7 @@ __all__ = [
     "GradientLimit",
     "IdempotencyConflict",
     "IdempotencyMismatch",
+    "KillSwitch",
     "KillSwitchOff",
     "Policy",
     "PolicyStatistics",
@@ -68,17 +101,40 @@ __all__ = [
     "RetryBudgetExhausted",
     "RetryDetails",
     "Shed",
+    "StoreUnavailable",
+    "SwitchInfo",
     "Throttled",
     "TimeoutExceeded",
+    "Verification",
+    "aforce_breaker",
+    "aforget_switch",
+    "akill",
+    "arelease_breaker",
+    "arevive",
+    "aset_brownout_level",
     "bind_correlation_id",
+    "bind_tenant",
+    "brownout_level",
     "bulkhead",
     "circuit_breaker",
+    "configure",
     "configure_telemetry",
     "correlation_id",
+    "current_store",
+    "current_tenant",
     "fallback",
+    "force_breaker",
+    "forget_switch",
+    "is_killed",
+    "kill",
+    "kill_switch",
     "new_correlation_id",
+    "release_breaker",
     "remaining_deadline",
     "retry",
+    "revive",
+    "set_brownout_level",
+    "switches",
     "timeout",
     "valid_correlation_id",
 ]
@@ -114,6 +170,37 @@ _HOMES = {
     "._policy": ("Policy",),
     "._retry": ("Retry", "RetryBudget", "RetryDetails"),
     "._stats": ("PolicyStatistics",),
+    "._audit": (
+        "AuditEntry",
+        "Verification",
+    ),
+    "._store": (
+        "StoreUnavailable",
+        "configure",
+        "current_store",
+    ),
+    "._switches": (
+        "KillSwitch",
+        "SwitchInfo",
+        "aforce_breaker",
+        "aforget_switch",
+        "akill",
+        "arelease_breaker",
+        "arevive",
+        "aset_brownout_level",
+        "bind_tenant",
+        "brownout_level",
+        "current_tenant",
+        "force_breaker",
+        "forget_switch",
+        "is_killed",
+        "kill",
+        "kill_switch",
+        "release_breaker",
+        "revive",
+        "set_brownout_level",
+        "switches",
+    ),
     "._telemetry": ("configure_telemetry",),
     "._throttle": ("AdaptiveThrottle",),
 }

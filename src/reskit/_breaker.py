@@ -143,11 +143,13 @@ class _Phase:
 class _Probe:
     """A half-open permit: one probe slot, taken until it is recorded or expires."""
 
-    __slots__ = ("phase", "started")
+    __slots__ = ("lease", "phase", "started")
 
-    def __init__(self, phase: _Phase, started: float) -> None:
+    def __init__(self, phase: _Phase, started: float, lease: object = None) -> None:
         self.phase = phase
         self.started = started
+        # A shared breaker's fleet-wide probe lease (see reskit.stores.redis).
+        self.lease = lease
 
 
 _Permit = _Phase | _Probe
@@ -364,6 +366,13 @@ class CircuitBreaker:
             result for which it is true counts as a failure (an HTTP 503
             response, say). Listeners' ``failure(cb, exc)`` then get
             ``exc=None``. Not for generators, whose result is a stream.
+        shared: share the breaker's state with every process configured with
+            the same Redis store (:func:`reskit.configure`), by ``name`` (which
+            is then required). The fleet opens together, probes together (at
+            most ``half_open_max_calls`` probes fleet-wide) and closes together;
+            the hot path still reads only local state. See ``docs/fleet.md``
+            for how far ``fail_max`` can overshoot. On the memory store, or
+            while Redis is down, the breaker works on its own.
 
     The settings are fixed at construction (assigning one raises
     :class:`~reskit.FrozenConfigError`); the state changes through the methods
@@ -386,6 +395,7 @@ class CircuitBreaker:
         "_fail_counter",
         "_fail_max",
         "_failure_rate",
+        "_fleet",
         "_forced_message",
         "_full_message",
         "_half_open_at",
@@ -401,10 +411,12 @@ class CircuitBreaker:
         "_on_state_change",
         "_on_success",
         "_open_message",
+        "_operator",
         "_phase",
         "_probes",
         "_quiet",
         "_reset_timeout",
+        "_shared",
         "_slow_call_duration",
         "_slow_call_rate",
         "_success_counter",
@@ -432,7 +444,18 @@ class CircuitBreaker:
         half_open_max_calls: int = 1,
         max_half_open_wait: float | timedelta | None = None,
         on_result: Callable[[Any], bool] | None = None,
+        shared: bool = False,
     ) -> None:
+        if not isinstance(shared, bool):
+            raise TypeError(f"shared must be True or False, got {shared!r}")
+        if shared and name is None:
+            raise ValueError(
+                "CircuitBreaker(shared=True) needs name=: the fleet shares a breaker's "
+                "state by its name"
+            )
+        self._shared = shared
+        #: The link to the fleet's state (a Redis store), once the breaker is in use.
+        self._fleet: Any = None
         if on_result is not None:
             if not callable(on_result):
                 raise TypeError(
@@ -525,6 +548,9 @@ class CircuitBreaker:
         self._listeners: tuple[object, ...] = ()
         self._set_listeners(listeners)
 
+        #: The state an operator forced through the store (reskit.force_breaker), if any.
+        self._operator: str | None = None
+
         _GAUGE.track(self)
         _fork.track(self)
 
@@ -610,6 +636,7 @@ class CircuitBreaker:
     on_result = setting(
         "_on_result", "The predicate that counts a result as a failure, or ``None``."
     )
+    shared = setting("_shared", "Whether the state is shared by the fleet through the store.")
     excluded_exceptions = setting(
         "_exclude",
         "What ``exclude=`` was given: classes and predicates counted as success "
@@ -809,6 +836,47 @@ class CircuitBreaker:
         """
         self._manual(_CLOSED)
 
+    def _operate(self, mode: str | None) -> None:
+        """Follow an operator's state from the store: forced open, forced closed, or none."""
+        expected = {"forced_open": _FORCED_OPEN, "forced_closed": _DISABLED}.get(mode or "")
+        if mode == self._operator and (expected is None or self._phase.state is expected):
+            return  # already so (a local reset() in between is undone below)
+        previous, self._operator = self._operator, mode
+        if mode == "forced_open":
+            self.force_open()
+        elif mode == "forced_closed":
+            self.disable()
+        elif previous is not None:
+            self.reset()
+            if self._fleet is not None:
+                # Released by an operator: the fleet starts closed again too.
+                self._fleet.report("reset")
+
+    def _follow(self, state: BreakerState, remaining: float, failures: int) -> None:
+        """Take the fleet's state (a shared breaker): ``remaining`` seconds of open left."""
+        now = _clock.now()
+        transition = None
+        with self._lock:
+            current = self._phase.state
+            if current is _FORCED_OPEN or current is _DISABLED:
+                return  # an operator's state wins over the fleet's
+            if state is _OPEN and current is _HALF_OPEN and remaining <= 0:
+                pass  # already probing locally; the fleet lease decides who probes
+            elif state is not current:
+                transition = self._move(state, now, "fleet")
+            if state is _OPEN:
+                self._half_open_at = now + max(remaining, 0.0)
+            if state is _CLOSED:
+                self._fail_counter = failures
+        if transition is not None:
+            self._announce(transition)
+
+    def _count_fleet_failures(self, failures: int) -> None:
+        """Take the fleet's failure count, while closed (a shared breaker)."""
+        with self._lock:
+            if self._phase.state is _CLOSED:
+                self._fail_counter = failures
+
     def _manual(self, state: BreakerState) -> None:
         now = _clock.now()
         with self._lock:
@@ -897,8 +965,11 @@ class CircuitBreaker:
                             break
                         del probes[oldest]
                 if len(probes) < self._half_open_max_calls:
-                    permit = _Probe(phase, now)
-                    probes[permit] = now
+                    fleet = self._fleet
+                    lease = None if fleet is None else fleet.take_lease()
+                    if fleet is None or lease is not None:
+                        permit = _Probe(phase, now, lease)
+                        probes[permit] = now
             elif state is _FORCED_OPEN:
                 retry_after = None
                 message = self._forced_message
@@ -946,6 +1017,8 @@ class CircuitBreaker:
         now = _clock.now()
 
         transition: _Transition | None = None
+        # What the fleet must hear (a shared breaker): "failed", "succeeded" or "opened".
+        report: str | None = None
         with self._lock:
             phase = self._phase
             if type(permit) is _Probe:
@@ -966,9 +1039,12 @@ class CircuitBreaker:
                 reason = None
                 if outcome == _FAILURE:
                     self._fail_counter += 1
+                    report = "failed"
                     if self._failure_rate is None and self._fail_counter >= self._fail_max:
                         reason = "fail_max"
                 else:
+                    if self._fail_counter:
+                        report = "succeeded"
                     self._fail_counter = 0
                 window = self._window
                 if window is not None:
@@ -982,6 +1058,16 @@ class CircuitBreaker:
                             reason = "slow_call_rate"
                 if reason is not None:
                     transition = self._move(_OPEN, now, reason)
+                    report = "opened"
+
+        fleet = self._fleet
+        if fleet is not None:
+            # Queued for the store's thread: the caller never waits on the network.
+            if type(permit) is _Probe:
+                if permit.lease is not None:
+                    fleet.probe_done(permit.lease, outcome, slow)
+            elif report is not None:
+                fleet.report(report)
 
         # pybreaker's order: failure listeners, then the transition, then success listeners.
         if outcome == _FAILURE:

@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["TimerHandle", "asleep", "call_at", "install", "now", "sleep", "wait", "wait_until"]
+__all__ = [
+    "TimerHandle",
+    "asleep",
+    "call_at",
+    "install",
+    "now",
+    "sleep",
+    "wait",
+    "wait_until",
+    "wall",
+]
 
 
 class TimerHandle(Protocol):
@@ -39,6 +49,7 @@ class _RealClock:
     """Monotonic time, real sleeps, the event loop's own timers."""
 
     now = staticmethod(time.monotonic)
+    wall = staticmethod(time.time)
     sleep = staticmethod(time.sleep)
 
     async def asleep(self, seconds: float) -> None:
@@ -65,6 +76,9 @@ class _RealClock:
 REAL_CLOCK: ClockBackend = _RealClock()
 
 now: Callable[[], float] = time.monotonic
+# Seconds since the epoch: for what other processes must read (a kill switch's
+# ttl, an audit entry's time). Decisions inside one process use now().
+wall: Callable[[], float] = time.time
 sleep: Callable[[float], None] = time.sleep
 asleep: Callable[[float], Any] = REAL_CLOCK.asleep
 wait: Callable[[threading.Event, float | None], bool] = REAL_CLOCK.wait
@@ -78,10 +92,11 @@ def install(clock: ClockBackend) -> ClockBackend:
 
     Returns the clock that was installed before, so callers can restore it.
     """
-    global now, sleep, asleep, wait, wait_until, call_at, _current
+    global now, wall, sleep, asleep, wait, wait_until, call_at, _current
     previous = _current
     _current = clock
     now = clock.now
+    wall = getattr(clock, "wall", time.time)
     sleep = clock.sleep
     asleep = clock.asleep
     wait = clock.wait

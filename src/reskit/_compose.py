@@ -193,6 +193,13 @@ def _fallback(w: _Writer, layer: _Layer, inner: _Inner) -> None:
 def _gate(w: _Writer, layer: _Layer, inner: _Inner) -> None:
     gate = layer.value
     i = layer.index
+    if not getattr(gate, "records", True):
+        # A flag gate (kill switch, brownout): no permit, nothing to record, and
+        # admit is asked only while its flag is up; the common case costs two
+        # attribute reads.
+        w(f"if f{i}.up:", f"    g{i}_admit(NAME, None, fn, args, kwargs)")
+        inner()
+        return
     if w.kind.is_async and gate.waits:
         # A free permit is taken without creating a coroutine; only queueing awaits.
         # (Into a temporary: a stream's p{i} must stay "not held" if queueing fails.)
@@ -436,6 +443,8 @@ def _layers_of(policy: Policy, kind: Kind) -> list[_Layer]:
         if row.keyword is not None and value is None:
             continue
         if row.role is Role.GATE:
+            if row.gate is not None:
+                value = row.gate(value)
             layers.append(_Layer(_gate, value, gates))
             gates += 1
         else:
@@ -852,6 +861,8 @@ def compile_driver(runner: Runner, policy: Policy, kind: Kind) -> dict[str, Any]
             i = layer.index
             namespace[f"g{i}_admit"] = gate.admit
             namespace[f"g{i}_record"] = gate.record
+            if not getattr(gate, "records", True):
+                namespace[f"f{i}"] = gate.flag
             if gate.waits:
                 namespace[f"g{i}_try"] = gate.try_admit
                 namespace[f"g{i}_admit_async"] = gate.admit_async

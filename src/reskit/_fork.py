@@ -8,7 +8,9 @@ gunicorn ``--preload``, Celery's prefork pool and ``multiprocessing`` with the
 fork start method all do this. So every object that keeps such state registers
 here, and in the child its ``_after_fork()`` renews it (a fresh lock, empty
 queues, the slots of other threads returned), as ``logging`` does for its
-handlers' locks.
+handlers' locks. Owners that run threads also implement
+``_restart_after_fork()``, called once every owner's ``_after_fork()`` has run,
+so no new thread meets a lock that is still the parent's copy.
 """
 
 from __future__ import annotations
@@ -36,8 +38,15 @@ def track(owner: Renewable) -> None:
 def _renew() -> None:
     from ._telemetry import guard
 
-    for owner in list(_owners):
+    owners = list(_owners)
+    for owner in owners:
         guard("renewing state after os.fork()", owner._after_fork)
+    # Then, with every lock renewed, what starts threads (a store's subscriber):
+    # a thread started earlier could take a lock that is still the parent's copy.
+    for owner in owners:
+        restart = getattr(owner, "_restart_after_fork", None)
+        if restart is not None:
+            guard("restarting background work after os.fork()", restart)
 
 
 if hasattr(os, "register_at_fork"):

@@ -27,6 +27,12 @@ success allocates nothing:
 - ``result``: what the call returned (``None`` for streams), for gates that judge
   results (``CircuitBreaker(on_result=...)``).
 
+A gate that keeps no per-call state and nearly always admits (the kill switch,
+the brownout shed) sets ``records = False`` and has a ``flag`` object whose
+attribute ``up`` is true whenever ``admit`` might reject: the engine then reads
+the flag inline, calls ``admit`` only while it is up, and never calls
+``record``. Its ``admit`` returns nothing.
+
 A gate that may have to *wait* for a permit (the bulkhead's queue) sets
 :attr:`WaitingGate.waits` and adds :meth:`~WaitingGate.try_admit` and
 :meth:`~WaitingGate.admit_async`: async drivers take a free permit without

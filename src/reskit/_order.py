@@ -31,12 +31,15 @@ change. ``docs/architecture.md`` walks through an example.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ._breaker import CircuitBreaker
 from ._bulkhead import Bulkhead
 from ._fallback import Fallback
 from ._retry import Retry
+from ._switches import KillSwitch, brownout_gate
 from ._throttle import AdaptiveThrottle
 
 __all__ = ["ORDER", "Role", "Row", "outer_gates"]
@@ -60,17 +63,21 @@ class Row:
     ``keyword`` is the :class:`~reskit.Policy` keyword (and attribute) that
     configures the layer; ``None`` for the attempt marker. ``accepts`` is the
     type the keyword takes (durations and fallbacks are converted by role).
+    ``gate`` turns the keyword's value into the gate, for a keyword whose value
+    is not a gate itself (``shed_at=2`` is a number).
     """
 
     keyword: str | None
     role: Role
     accepts: type | None = None
+    gate: Callable[[Any], Any] | None = None
 
 
-#: Outermost first. The kill switch and the brownout shed will be gates placed
-#: before the bulkhead.
+#: Outermost first.
 ORDER: tuple[Row, ...] = (
     Row("fallback", Role.FALLBACK, Fallback),
+    Row("kill_switch", Role.GATE, KillSwitch),
+    Row("shed_at", Role.GATE, int, brownout_gate),
     Row("bulkhead", Role.GATE, Bulkhead),
     Row("deadline", Role.DEADLINE),
     Row("retry", Role.RETRY, Retry),

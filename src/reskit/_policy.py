@@ -30,6 +30,7 @@ from ._stats import Counters, PolicyStatistics
 if TYPE_CHECKING:
     from ._breaker import CircuitBreaker
     from ._bulkhead import Bulkhead
+    from ._switches import KillSwitch
     from ._throttle import AdaptiveThrottle
 
 __all__ = ["Admission", "Policy"]
@@ -37,17 +38,11 @@ __all__ = ["Admission", "Policy"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# The strategies come from the order table; ``name`` and the keywords reserved
-# for strategies still to ship are the policy's own.
+# The strategies come from the order table; ``name`` is the policy's own.
 _STRATEGIES: tuple[tuple[str, Row], ...] = tuple(
     (row.keyword, row) for row in ORDER if row.keyword is not None
 )
-_FIELDS: tuple[str, ...] = (
-    "name",
-    *(keyword for keyword, _ in _STRATEGIES),
-    "kill_switch",
-    "shed_at",
-)
+_FIELDS: tuple[str, ...] = ("name", *(keyword for keyword, _ in _STRATEGIES))
 
 
 class Runner:
@@ -81,6 +76,11 @@ class Runner:
             policy.breaker._adopt_name(name)
         if policy.bulkhead is not None and policy.bulkhead._name is None:
             policy.bulkhead._name = name
+        if policy.breaker is not None and policy.breaker.name is not None:
+            # So an operator's forced state (reskit.force_breaker) reaches it.
+            from ._switches import control
+
+            control().adopt_breaker(policy.breaker)
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
@@ -146,8 +146,11 @@ class Policy(Frozen):
         breaker: a :class:`CircuitBreaker`.
         bulkhead: a :class:`Bulkhead`.
         throttle: an :class:`AdaptiveThrottle` (client-side adaptive throttling).
-        kill_switch: a kill switch name, or ``True`` for the policy's name.
-        shed_at: shed the call while the brownout level is at least this.
+        kill_switch: a :class:`KillSwitch`, a switch name, or ``True`` for the
+            policy's name. While the switch is killed (:func:`reskit.kill`)
+            calls are rejected with :class:`~reskit.KillSwitchOff`.
+        shed_at: shed the call (:class:`~reskit.Shed`) while the brownout level
+            (:func:`reskit.set_brownout_level`) is at least this, 1 to 100.
         fallback: ``fn(exc)`` returning a value instead of raising, or a
             :class:`Fallback`.
 
@@ -168,7 +171,7 @@ class Policy(Frozen):
     breaker: CircuitBreaker | None
     bulkhead: Bulkhead | None
     throttle: AdaptiveThrottle | None
-    kill_switch: str | None
+    kill_switch: KillSwitch | None
     shed_at: int | None
     fallback: Fallback | None
     _counters: Counters
@@ -186,7 +189,7 @@ class Policy(Frozen):
         breaker: CircuitBreaker | None = None,
         bulkhead: Bulkhead | None = None,
         throttle: AdaptiveThrottle | None = None,
-        kill_switch: str | bool | None = None,
+        kill_switch: KillSwitch | str | bool | None = None,
         shed_at: int | None = None,
         fallback: Callable[[Exception], Any] | Fallback | None = None,
     ) -> None:
@@ -194,20 +197,9 @@ class Policy(Frozen):
         given = {field: value for field, value in locals().items() if field in _FIELDS}
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError(f"Policy name must be a non-empty string, got {name!r}")
-        if kill_switch is not None and kill_switch is not False:
-            raise NotImplementedError(
-                "Policy(kill_switch=...) needs kill switches, which this version of reskit "
-                "does not ship yet"
-            )
-        if shed_at is not None:
-            raise NotImplementedError(
-                "Policy(shed_at=...) needs brownout levels, which this version of reskit "
-                "does not ship yet"
-            )
+        given["kill_switch"] = _switch_for(name, kill_switch)
         init = object.__setattr__
         init(self, "name", name)
-        init(self, "kill_switch", None)
-        init(self, "shed_at", None)
         for keyword, row in _STRATEGIES:
             init(self, keyword, _checked(keyword, row.role, row.accepts, given[keyword]))
         if self.timeout is not None and self.deadline is not None and self.deadline < self.timeout:
@@ -376,10 +368,36 @@ class Policy(Frozen):
         return f"Policy({', '.join(parts)})"
 
 
+def _switch_for(name: str | None, value: object) -> KillSwitch | None:
+    """The kill switch ``kill_switch=`` names: ``True`` for the policy's own name."""
+    if value is None or value is False:
+        return None
+    from ._switches import KillSwitch
+
+    if value is True:
+        if name is None:
+            raise TypeError(
+                "Policy(kill_switch=True) names the switch after the policy, which has no "
+                "name; give the policy a name or pass kill_switch='switch-name'"
+            )
+        return KillSwitch(name)
+    if isinstance(value, str):
+        return KillSwitch(value)
+    if not isinstance(value, KillSwitch):
+        raise TypeError(
+            f"Policy kill_switch= must be a reskit.KillSwitch, a switch name or True, got {value!r}"
+        )
+    return value
+
+
 def _checked(keyword: str, role: Role, accepts: type | None, value: Any) -> Any:
     """Validate and convert the value given for a strategy keyword."""
     if value is None:
         return None
+    if keyword == "shed_at":
+        from ._switches import check_shed_at
+
+        return check_shed_at(value)
     if role is Role.DEADLINE or role is Role.TIMEOUT:
         return seconds(value, f"Policy {keyword}", waited=True)
     if role is Role.FALLBACK and not isinstance(value, Fallback):
@@ -413,9 +431,9 @@ class Admission:
         gates = []
         for row in outer_gates():
             assert row.keyword is not None
-            gate = getattr(policy, row.keyword)
-            if gate is not None:
-                gates.append(gate)
+            value = getattr(policy, row.keyword)
+            if value is not None:
+                gates.append(row.gate(value) if row.gate is not None else value)
         self._gates: tuple[Any, ...] = tuple(gates)
         self._permits: list[Any] | None = None
         self._started = 0.0

@@ -75,8 +75,10 @@ class FakeClock:
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, start: float = 1_000.0) -> None:
+    def __init__(self, start: float = 1_000.0, *, epoch: float = 1_790_000_000.0) -> None:
         self._now = float(start)
+        self._start = self._now
+        self._epoch = float(epoch)
         self._cond = threading.Condition()
         self._timers: list[tuple[float, int, _FakeTimer]] = []
         self._seq = itertools.count()
@@ -89,6 +91,14 @@ class FakeClock:
     def now(self) -> float:
         """The current fake monotonic time, in seconds."""
         return self._now
+
+    def wall(self) -> float:
+        """The fake wall-clock time, seconds since the epoch; it moves with :meth:`now`.
+
+        reskit reads it for what other processes see (a kill switch's ``ttl``,
+        an audit entry's time); ``epoch`` sets where it starts.
+        """
+        return self._epoch + (self._now - self._start)
 
     def sleep(self, seconds: float) -> None:
         """Record ``seconds`` in :attr:`sleeps` and advance the clock by it."""

@@ -1,57 +1,77 @@
 """The ``reskit`` command.
 
-Each command is a subparser with a ``handler`` default that takes the parsed
-arguments and returns the exit status, so a new command is one ``_add_*``
-function registered in :func:`build_parser`. Handlers import the machinery
-they run, so no command pays for another's imports.
+Built on click: :data:`cli` is the ``reskit`` group, and each command is a
+click command added to it (the operator commands live in ``_operator.py``,
+what they share in ``_common.py``, tables in ``_output.py``, the demo's in
+``_democli.py``, imported only when it is used). rich is imported only to
+print a table, and ``import reskit`` imports neither click nor rich.
 
-Exit statuses: 0 success, 1 the command ran and reports a problem, 2 a usage
-error or a :class:`CommandError` (one line on stderr), 130 interrupted, 141
-the output pipe was closed.
+A command returns its exit status (``None`` for 0). :func:`main` maps
+everything else to one: 0 success, 1 the command ran and reports a problem
+(``reskit audit verify`` on a broken chain), 2 a usage error, a
+:class:`CommandError`, a :class:`~reskit.ReskitError` or a ``ValueError`` from
+bad input, 3 the store could not be reached (:class:`~reskit.StoreUnavailable`:
+nothing was changed; worth retrying), each shown as one line on stderr; 130
+interrupted; 141 the output pipe was closed.
+
+``--store URL`` selects the store; without it, ``$RESKIT_STORE``, else memory.
+When :func:`main` is called inside a process that already configured a store
+(and ``$RESKIT_STORE`` is unset), the commands act on that store instead of a
+new memory store, so a test can run ``kill`` then ``switches`` and see the kill.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import click
 
 from reskit._errors import ReskitError
+from reskit._store import StoreUnavailable
 
-__all__ = ["CommandError", "build_parser", "main"]
+from ._common import CommandError
+from ._operator import COMMANDS
+
+__all__ = ["CommandError", "cli", "main"]
 
 PROG = "reskit"
 
-Handler = Callable[[argparse.Namespace], int]
+
+class _BrokenPipe(Exception):
+    """The output pipe closed; carried past click, whose own handler would ``sys.exit(1)``."""
 
 
-class CommandError(Exception):
-    """A command cannot do what it was asked; the message is shown to the user.
+class _Group(click.Group):
+    #: Commands whose module is imported only when they are run or listed: the
+    #: demo's imports (asyncio, structlog, the policies) would slow every command.
+    lazy: ClassVar[dict[str, tuple[str, str]]] = {"demo": ("._democli", "demo_command")}
 
-    .. versionadded:: 0.1.0
-    """
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
 
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            from importlib import import_module
 
-class _Exit(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
+            module, name = self.lazy[cmd_name]
+            self.add_command(getattr(import_module(module, __name__), name), cmd_name)
+        return super().get_command(ctx, cmd_name)
 
+    # Parsing prints too (--help, --version), then the command runs.
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:
+            raise _BrokenPipe from None
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that reports errors on one line and never calls ``sys.exit``."""
-
-    def error(self, message: str) -> NoReturn:
-        # argparse prints the whole usage block first; one line that names the
-        # problem and where to look is easier to read in a terminal and a CI log.
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message:
-            sys.stderr.write(message)
-        raise _Exit(status)
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise _BrokenPipe from None
 
 
 def _version() -> str:
@@ -63,95 +83,46 @@ def _version() -> str:
         return "unknown"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {text!r}")
-    return value
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"{PROG} {_version()}")
+        ctx.exit()
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+@click.group(
+    PROG,
+    cls=_Group,
+    no_args_is_help=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print reskit's version and exit.",
+)
+def cli() -> None:
+    """Operate reskit: kill switches, brownout levels, breakers, the audit log.
 
-
-# -- commands -------------------------------------------------------------------
-
-
-def _add_demo(commands: argparse._SubParsersAction[_Parser]) -> None:
-    from ._demo import DEFAULT_CALLS, DEFAULT_CONCURRENCY, DEFAULT_SEED
-
-    parser = commands.add_parser(
-        "demo",
-        help="run reskit's policies against simulated flaky dependencies",
-        description=(
-            "Call simulated flaky dependencies a few thousand times through reskit policies "
-            "(timeout, deadline, retry with a budget, fallback, and the circuit breaker and "
-            "bulkhead), show live progress, then a table of outcomes, retries and latency "
-            "percentiles per policy. Everything runs in this process, in memory."
-        ),
-    )
-    parser.add_argument(
-        "--calls",
-        type=_positive_int,
-        default=DEFAULT_CALLS,
-        metavar="N",
-        help=f"calls in total, shared between the dependencies (default {DEFAULT_CALLS})",
-    )
-    parser.add_argument(
-        "--seed",
-        type=_int,
-        default=DEFAULT_SEED,
-        metavar="S",
-        help=f"seed of every random draw (default {DEFAULT_SEED})",
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=_positive_int,
-        default=DEFAULT_CONCURRENCY,
-        metavar="C",
-        help=f"concurrent callers per dependency (default {DEFAULT_CONCURRENCY})",
-    )
-    parser.add_argument(
-        "--quiet",
-        action="store_true",
-        help="print only the final table",
-    )
-    parser.set_defaults(handler=_demo_command)
-
-
-def _demo_command(args: argparse.Namespace) -> int:
-    from ._demo import run_demo
-
-    return run_demo(
-        calls=args.calls, seed=args.seed, concurrency=args.concurrency, quiet=args.quiet
-    )
-
-
-# -- the parser and the entry point ---------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Build the ``reskit`` argument parser with every command.
-
-    .. versionadded:: 0.1.0
+    Every command but demo takes --store URL ($RESKIT_STORE, else memory) and
+    --json for scripts.
     """
-    parser = _Parser(
-        prog=PROG,
-        description="Resilience for Python services: run the demo, and more to come.",
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
-    commands = parser.add_subparsers(
-        title="commands", dest="command", metavar="COMMAND", parser_class=_Parser
-    )
-    commands.required = True
-    _add_demo(commands)
-    return parser
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
+
+
+# -- the entry point ------------------------------------------------------------------
+
+
+def _error(message: str, ctx: click.Context | None = None) -> None:
+    where = PROG if ctx is None else ctx.command_path
+    hint = "" if ctx is None else f" (see '{where} --help')"
+    # One line, whatever the message: easier to read in a terminal and a CI log.
+    sys.stderr.write(f"{where}: error: {' '.join(message.splitlines())}{hint}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,23 +132,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     .. versionadded:: 0.1.0
     """
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        handler: Handler = args.handler
-        return handler(args)
-    except _Exit as exc:
-        return exc.status
-    except (CommandError, ReskitError) as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        status = cli.main(
+            args=None if argv is None else list(argv), prog_name=PROG, standalone_mode=False
+        )
+    except click.UsageError as exc:
+        _error(exc.format_message(), exc.ctx)
         return 2
-    except KeyboardInterrupt:
+    except click.ClickException as exc:
+        _error(exc.format_message())
+        return exc.exit_code
+    # ValueError too: reskit rejects bad input (a name too long, a level out of
+    # range) with it, and to the operator that is a usage error, not a crash.
+    except StoreUnavailable as exc:
+        _error(str(exc))
+        return 3
+    except ImportError as exc:
+        # An extra that is not installed (the Redis store needs reskit[redis]):
+        # its message says what to install.
+        _error(str(exc))
+        return 2
+    except (CommandError, ReskitError, ValueError) as exc:
+        _error(str(exc))
+        return 2
+    except click.Abort:  # click's name for KeyboardInterrupt
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
-    except BrokenPipeError:
-        # The reader went away (``reskit demo | head``). Point stdout at devnull
-        # so the interpreter's final flush does not complain, and exit as a
-        # process killed by SIGPIPE would.
+    except _BrokenPipe:
+        # The reader went away (``reskit audit tail --json | head``). Point
+        # stdout at devnull so the interpreter's final flush does not complain,
+        # and exit as a process killed by SIGPIPE would.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    return status if isinstance(status, int) else 0

@@ -49,6 +49,7 @@ import structlog
 # The demo uses reskit as an application does: through its public names only.
 import reskit
 from reskit import Fallback, Policy, ReskitError, Retry, RetryBudget, TimeoutExceeded
+from reskit.stores import Store
 
 __all__ = [
     "ARRIVAL_RATE",
@@ -315,6 +316,8 @@ class Scene:
     calls: int
     arrivals: list[float]
     status: Callable[[], str] | None = None
+    #: Called with each call's index before it starts (an operator's flips).
+    before_call: Callable[[int], None] | None = None
     tally: Tally = field(default_factory=Tally)
 
 
@@ -495,12 +498,73 @@ def _search(seed: int, calls: int, concurrency: int) -> Scene:
     )
 
 
+class _Operator:
+    """Flips a kill switch and the brownout level when traffic reaches given calls.
+
+    Through reskit's public functions, as ``reskit kill`` and ``reskit brownout``
+    would from another terminal: each flip is audited, and the report shows
+    the audit log at the end.
+    """
+
+    def __init__(self, calls: int, flips: Sequence[tuple[float, Callable[[], object]]]) -> None:
+        self._due = sorted(((int(at * calls), flip) for at, flip in flips), key=lambda due: due[0])
+        self._lock = threading.Lock()
+
+    def __call__(self, index: int) -> None:
+        while True:
+            with self._lock:
+                if not self._due or self._due[0][0] > index:
+                    return
+                _, flip = self._due.pop(0)
+            flip()
+
+
+def _reviews(seed: int, calls: int, concurrency: int) -> Scene:
+    name = "reviews"
+    profile = Profile(median=0.015, ceiling=0.04, error_rate=0.01, spike_rate=0.0)
+    switch = reskit.KillSwitch(
+        name,
+        owner="team-reviews",
+        description="product pages render without reviews",
+        fail_mode="open",
+    )
+    policy = Policy(name, timeout=0.1, kill_switch=switch, shed_at=2, fallback=_fallback)
+    who = "demo operator"
+    operator = _Operator(
+        calls,
+        [
+            (0.2, lambda: reskit.set_brownout_level(2, reason="demo: dim the site", actor=who)),
+            (0.4, lambda: reskit.set_brownout_level(0, reason="demo: load is down", actor=who)),
+            (0.55, lambda: reskit.kill(name, reason="demo: reviews misbehave", actor=who)),
+            (0.75, lambda: reskit.revive(name, reason="demo: reviews fixed", actor=who)),
+        ],
+    )
+
+    def status() -> str:
+        state = "killed" if reskit.is_killed(name) else "on"
+        return f"switch {state}, brownout level {reskit.brownout_level()}"
+
+    return Scene(
+        name=name,
+        driver="async",
+        policy_text="kill switch 'reviews', shed at brownout level 2, timeout 100 ms, fallback",
+        dependency_text=("1% errors; level 2 for calls 20-40%, switch killed for calls 55-75%"),
+        policy=policy,
+        dependency=Dependency(name, profile, seed=seed, calls=calls),
+        calls=calls,
+        arrivals=_arrivals(seed, name, calls),
+        status=status,
+        before_call=operator,
+    )
+
+
 _SCENES: tuple[Callable[[int, int, int], Scene], ...] = (
     _payments,
     _inventory,
     _ledger,
     _recommendations,
     _search,
+    _reviews,
 )
 
 
@@ -530,6 +594,8 @@ def _settled(result: object) -> tuple[str, str | None]:
 
 
 async def _call_async(scene: Scene, index: int) -> None:
+    if scene.before_call is not None:
+        scene.before_call(index)
     call = Call(index)
     started = time.perf_counter()
     with reskit.bind_correlation_id(f"demo-{scene.name}-{index:05d}"):
@@ -541,6 +607,8 @@ async def _call_async(scene: Scene, index: int) -> None:
 
 
 def _call_sync(scene: Scene, index: int) -> None:
+    if scene.before_call is not None:
+        scene.before_call(index)
     call = Call(index)
     started = time.perf_counter()
     with reskit.bind_correlation_id(f"demo-{scene.name}-{index:05d}"):
@@ -901,6 +969,19 @@ def render_logs(result: DemoResult, samples: int = 3) -> str:
     return "\n".join(lines)
 
 
+def render_audit(store: Store) -> str:
+    """The audit entries the demo's operator wrote, and whether the chain verifies."""
+    entries = store.audit()
+    if not entries:
+        return "  (none)"
+    lines = [
+        _wrapped(f"#{entry.seq} {entry.action:<8} {entry.target:<15} {entry.reason}")
+        for entry in entries
+    ]
+    lines.append(f"  {store.verify_audit()}")
+    return "\n".join(lines)
+
+
 def run_demo(
     *,
     calls: int = DEFAULT_CALLS,
@@ -918,6 +999,20 @@ def run_demo(
     if calls < 1:
         raise ValueError(f"calls must be at least 1, got {calls}")
     stream = sys.stdout if out is None else out
+    # The demo's flips stay in this process, whatever RESKIT_STORE says.
+    from reskit.stores import MemoryStore
+
+    store = MemoryStore()
+    previous = reskit.configure(store)
+    try:
+        return _run_demo(calls, seed, concurrency, quiet, stream, store)
+    finally:
+        reskit.configure(previous)
+
+
+def _run_demo(
+    calls: int, seed: int, concurrency: int, quiet: bool, stream: TextIO, store: Store
+) -> int:
     scenes = build_scenes(calls, seed, concurrency)
     if not quiet:
         intro = (
@@ -943,6 +1038,7 @@ def run_demo(
             + render_logs(result)
             + "\n"
         )
+        stream.write("\nthe audit log of the demo's flips:\n" + render_audit(store) + "\n")
         outro = (
             f"{_count(result.calls, 'call')} in {result.seconds:.1f} s (seed {seed}; the same "
             "seed gives the same draws, timing-dependent counts vary a little)"
