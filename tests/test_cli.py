@@ -23,7 +23,7 @@ from reskit.stores import MemoryStore
 from reskit.testing import FakeClock
 
 OUTCOMES = ("success", "fallback", "rejected", "failure")
-SCENES = ["payments", "inventory", "ledger", "recommendations", "search", "reviews"]
+SCENES = ["payments", "inventory", "ledger", "recommendations", "search", "reviews", "checkout"]
 COLUMNS = (
     "calls",
     "success",
@@ -116,7 +116,7 @@ def test_demo_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_main(["demo", "--calls", "150", "--seed", "2"]) == 0
 
     out = capsys.readouterr().out
-    assert out.startswith("reskit demo: 150 calls to 6 simulated dependencies")
+    assert out.startswith("reskit demo: 150 calls to 7 simulated dependencies")
     rows = parse_table(out)
     assert_counts_add_up(rows, 150)
     assert "why calls did not simply succeed:" in out
@@ -202,8 +202,8 @@ def test_outage_fails_every_attempt() -> None:
 
 
 def test_calls_are_shared_between_scenes() -> None:
-    scenes = _demo.build_scenes(calls=14, seed=1, concurrency=4)
-    assert [scene.calls for scene in scenes] == [3, 3, 2, 2, 2, 2]
+    scenes = _demo.build_scenes(calls=16, seed=1, concurrency=4)
+    assert [scene.calls for scene in scenes] == [3, 3, 2, 2, 2, 2, 2]
     # A scene that would get no call is left out.
     assert [scene.name for scene in _demo.build_scenes(2, 1, 4)] == ["payments", "inventory"]
 
@@ -1038,3 +1038,18 @@ def test_forget_removes_a_switch_and_its_declaration(capsys: pytest.CaptureFixtu
     lines = run(["audit", "tail", "--json"], capsys).splitlines()
     actions = [json.loads(line)["action"] for line in lines]
     assert actions == ["kill", "switch.forget", "switch.forget"]
+
+
+def test_the_checkout_scene_never_charges_an_order_twice() -> None:
+    out = io.StringIO()
+    assert _demo.run_demo(calls=1400, seed=3, out=out) == 0
+    details = out.getvalue().split("why calls did not simply succeed:\n", 1)[1]
+    line = " ".join(
+        details.split("checkout", 1)[1].split("\n\n", 1)[0].split()
+    )  # the sentence may wrap
+    match = re.search(r"(\d+) charge requests for (\d+) orders made (\d+) charges", line)
+    assert match is not None, line
+    requests, orders, charges = (int(group) for group in match.groups())
+    assert orders == charges == 200
+    assert requests > orders  # timeouts made the client retry...
+    assert "(0 orders charged twice)" in line  # ...and no retry charged again

@@ -38,6 +38,7 @@ PAGES_WITH_EXAMPLES = (
     "brownout.md",
     "errors.md",
     "fallback.md",
+    "idempotency.md",
     "fleet.md",
     "migrating.md",
     "policy.md",

@@ -1,4 +1,4 @@
-"""The scripts in ``examples/`` run, and the Starlette app serves under a real uvicorn."""
+"""The scripts in ``examples/`` run; the web apps serve under real servers (uvicorn, wsgiref)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import httpx
 import pytest
+
+from http_servers import running_uvicorn, running_wsgi
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -38,35 +40,63 @@ def starlette_example() -> ModuleType:
     return load_example("starlette_app")
 
 
+@pytest.fixture(scope="module")
+def idempotency_example() -> ModuleType:
+    return load_example("starlette_idempotency")
+
+
+@pytest.fixture(scope="module")
+def flask_example() -> ModuleType:
+    pytest.importorskip("flask")
+    return load_example("flask_app")
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[[Any], str]]:
     """Start an ASGI app under uvicorn on a free 127.0.0.1 port; return its base URL."""
-    servers: list[tuple[Any, threading.Thread]] = []
+    with ExitStack() as stack:
+        yield lambda app: stack.enter_context(running_uvicorn(app))
 
-    def start(app: Any) -> str:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+@pytest.fixture
+def serve_wsgi() -> Iterator[Callable[[Any], str]]:
+    """Start a WSGI app under a threaded wsgiref server; return its base URL."""
+    with ExitStack() as stack:
+        yield lambda app: stack.enter_context(running_wsgi(app))
+
+
+@contextmanager
+def running_script(name: str) -> Iterator[httpx.Client]:
+    """Run ``examples/<name>.py --port N``; yield a client once its /healthz answers."""
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="none"
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                pytest.fail("uvicorn did not start within 10 s")
-            time.sleep(0.01)
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
-        assert not thread.is_alive(), "uvicorn did not stop within 10 s"
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            while True:
+                try:
+                    response = client.get("/healthz")
+                    break
+                except httpx.TransportError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail("the example server did not come up within 15 s")
+                    time.sleep(0.05)
+            assert response.json() == {"status": "ok"}
+            yield client
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
 
 
 def test_quickstart_runs() -> None:
@@ -172,31 +202,81 @@ def test_hanging_dependency_is_cut_by_the_timeout(
 
 
 def test_starlette_example_runs_as_a_script() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / "starlette_app.py"), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=2) as client:
-            while True:
-                try:
-                    response = client.get("/healthz")
-                    break
-                except httpx.TransportError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail("the example server did not come up within 15 s")
-                    time.sleep(0.05)
-        assert response.json() == {"status": "ok"}
-    finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+    with running_script("starlette_app"):
+        pass
+
+
+# -- idempotency keys -------------------------------------------------------------------------
+
+
+def charge(client: httpx.Client, key: str | None, amount: Any) -> httpx.Response:
+    headers = {} if key is None else {"Idempotency-Key": key}
+    return client.post("/charges", json={"amount": amount}, headers=headers)
+
+
+def check_charges(client: httpx.Client) -> list[dict[str, Any]]:
+    """The idempotency story both example apps tell, from the client's side."""
+    first = charge(client, '"order-1"', 500)
+    repeat = charge(client, "order-1", 500)  # the same key, bare
+    reused = charge(client, "order-1", 900)
+    invalid = charge(client, "order-2", -1)
+    fixed = charge(client, "order-2", 700)  # the same key again, after a 400
+
+    assert first.status_code == 201
+    assert first.json() == {"id": "ch_1", "amount": 500, "currency": "eur"}
+    assert "idempotent-replayed" not in first.headers
+    assert repeat.status_code == 201
+    assert repeat.headers["idempotent-replayed"] == "true"
+    assert repeat.json() == first.json()
+    assert reused.status_code == 422
+    assert reused.headers["content-type"] == "application/problem+json"
+    assert invalid.status_code == 400
+    assert invalid.json() == {"error": "amount must be a whole number of cents > 0"}
+    assert fixed.status_code == 201
+    assert fixed.json()["id"] == "ch_2"
+    charges: list[dict[str, Any]] = client.get("/charges").json()["charges"]
+    return charges
+
+
+def test_starlette_idempotency_example_charges_once_per_key(
+    idempotency_example: ModuleType, serve: Callable[[Any], str]
+) -> None:
+    ledger = idempotency_example.Ledger()
+    base = serve(idempotency_example.create_app(ledger))
+
+    with httpx.Client(base_url=base, timeout=5) as client:
+        charges = check_charges(client)
+        missing = charge(client, None, 500)
+
+    assert [c["id"] for c in charges] == ["ch_1", "ch_2"]
+    assert missing.status_code == 400  # this app requires a key on /charges
+    assert missing.json()["title"] == "Idempotency-Key header required"
+    assert len(ledger.charges) == 2
+
+
+def test_flask_example_charges_once_per_key(
+    flask_example: ModuleType, serve_wsgi: Callable[[Any], str]
+) -> None:
+    ledger = flask_example.Ledger()
+    base = serve_wsgi(flask_example.create_app(ledger))
+
+    with httpx.Client(base_url=base, timeout=5) as client:
+        charges = check_charges(client)
+        without_key = [charge(client, None, 100) for _ in range(2)]
+
+    assert [c["id"] for c in charges] == ["ch_1", "ch_2"]
+    # Keys are optional here: without one, each request is a new charge.
+    assert [r.json()["id"] for r in without_key] == ["ch_3", "ch_4"]
+    assert len(ledger.charges) == 4
+
+
+@pytest.mark.parametrize("name", ["starlette_idempotency", "flask_app"])
+def test_idempotency_examples_run_as_scripts(name: str) -> None:
+    if name == "flask_app":
+        pytest.importorskip("flask")
+    with running_script(name) as client:
+        first = charge(client, "script-1", 250)
+        repeat = charge(client, "script-1", 250)
+    assert first.status_code == 201
+    assert repeat.headers["idempotent-replayed"] == "true"
+    assert repeat.json() == first.json()

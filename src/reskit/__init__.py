@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         FrozenConfigError,
         IdempotencyConflict,
         IdempotencyMismatch,
+        IdempotentFailure,
         KillSwitchOff,
         Rejected,
         ReskitError,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
         TimeoutExceeded,
     )
     from ._fallback import Fallback
+    from ._idempotency import JSONCodec, idempotent
     from ._policy import Policy
     from ._retry import Retry, RetryBudget, RetryDetails
     from ._stats import PolicyStatistics
@@ -90,6 +92,8 @@ __all__ = [
     "GradientLimit",
     "IdempotencyConflict",
     "IdempotencyMismatch",
+    "IdempotentFailure",
+    "JSONCodec",
     "KillSwitch",
     "KillSwitchOff",
     "Policy",
@@ -125,6 +129,7 @@ __all__ = [
     "fallback",
     "force_breaker",
     "forget_switch",
+    "idempotent",
     "is_killed",
     "kill",
     "kill_switch",
@@ -158,6 +163,7 @@ _HOMES = {
         "FrozenConfigError",
         "IdempotencyConflict",
         "IdempotencyMismatch",
+        "IdempotentFailure",
         "KillSwitchOff",
         "Rejected",
         "ReskitError",
@@ -167,6 +173,7 @@ _HOMES = {
         "TimeoutExceeded",
     ),
     "._fallback": ("Fallback",),
+    "._idempotency": ("JSONCodec", "idempotent"),
     "._policy": ("Policy",),
     "._retry": ("Retry", "RetryBudget", "RetryDetails"),
     "._stats": ("PolicyStatistics",),

@@ -13,6 +13,7 @@ Everything reskit raises on its own account derives from :class:`ReskitError`::
     │   └── RetryBudgetExhausted
     ├── IdempotencyConflict
     ├── IdempotencyMismatch
+    ├── IdempotentFailure
     └── FrozenConfigError      (also a builtin AttributeError)
 
 Exceptions raised by the protected function itself pass through unchanged: after
@@ -29,6 +30,7 @@ __all__ = [
     "FrozenConfigError",
     "IdempotencyConflict",
     "IdempotencyMismatch",
+    "IdempotentFailure",
     "KillSwitchOff",
     "Rejected",
     "ReskitError",
@@ -198,6 +200,28 @@ class IdempotencyMismatch(ReskitError):
 
     .. versionadded:: 0.1.0
     """
+
+
+class IdempotentFailure(ReskitError):
+    """The first call with this idempotency key failed, and its failure was stored.
+
+    Raised on a repeat of a call made with ``store_failures=`` matching the
+    first call's exception: the repeat gets the same answer without running.
+    ``type_name`` and ``message`` say what the first call raised.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, message: str, *, type_name: str, policy: str | None = None) -> None:
+        super().__init__(message, policy=policy)
+        self.type_name = type_name
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_failure, (str(self), self.type_name, self.policy))
+
+
+def _rebuild_failure(message: str, type_name: str, policy: str | None) -> IdempotentFailure:
+    return IdempotentFailure(message, type_name=type_name, policy=policy)
 
 
 class FrozenConfigError(ReskitError, AttributeError):

@@ -31,11 +31,14 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _fork, _telemetry
 from ._audit import AuditEntry, AuditHead, Verification, loads
 from ._errors import ReskitError
+
+if TYPE_CHECKING:
+    from ._idempotency import IdempotencyStore
 
 __all__ = [
     "MAX_VALUE_BYTES",
@@ -378,6 +381,10 @@ class Store:
     def forget_declaration(self, name: str) -> None:
         """Drop ``name`` from the registry of declared switches (a process that still
         declares it adds it again when it next starts or reconnects)."""
+        raise NotImplementedError
+
+    def idempotency(self) -> IdempotencyStore:
+        """This store's idempotency records (what :func:`reskit.idempotent` uses)."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -39,7 +39,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -318,6 +318,10 @@ class Scene:
     status: Callable[[], str] | None = None
     #: Called with each call's index before it starts (an operator's flips).
     before_call: Callable[[int], None] | None = None
+    #: What the policy calls, when not the dependency itself (async scenes).
+    target: Callable[[Call], Awaitable[object]] | None = None
+    #: A sentence for the report's details, after the causes.
+    notes: Callable[[], str] | None = None
     tally: Tally = field(default_factory=Tally)
 
 
@@ -558,6 +562,77 @@ def _reviews(seed: int, calls: int, concurrency: int) -> Scene:
     )
 
 
+class _Checkout:
+    """Charges behind an idempotency key, called by a client that retries on timeouts.
+
+    The charge runs on its own task (``asyncio.shield``), as a server's handler
+    runs on when its client gives up: a retry then finds the first charge in
+    flight, waits for it (``wait=True``) and gets its result, instead of
+    charging the card again.
+    """
+
+    def __init__(self, dependency: Dependency) -> None:
+        self.dependency = dependency
+        self.charges: Counter[int] = Counter()
+        self.asked = 0
+        self._charge = reskit.idempotent(
+            key=lambda call: f"order-{call.index}",
+            fingerprint=lambda call: call.index,
+            wait=True,
+        )(self._run)
+
+    async def _run(self, call: Call) -> object:
+        self.charges[call.index] += 1
+        return await self.dependency.acall(call)
+
+    async def __call__(self, call: Call) -> object:
+        self.asked += 1
+        return await asyncio.shield(self._charge(call))
+
+    def notes(self) -> str:
+        twice = sum(1 for n in self.charges.values() if n > 1)
+        return (
+            f"{self.asked} charge requests for {len(self.charges)} orders made "
+            f"{sum(self.charges.values())} charges ({twice} orders charged twice)"
+        )
+
+
+def _checkout(seed: int, calls: int, concurrency: int) -> Scene:
+    name = "checkout"
+    profile = Profile(
+        median=0.02, ceiling=0.04, error_rate=0.0, spike_rate=0.12, spike=(0.08, 0.15)
+    )
+    dependency = Dependency(name, profile, seed=seed, calls=calls)
+    checkout = _Checkout(dependency)
+    policy = Policy(
+        name,
+        timeout=0.06,
+        deadline=0.4,
+        retry=Retry(
+            attempts=5,
+            on=(TimeoutError,),
+            wait_initial=0.005,
+            wait_max=0.02,
+            random=_jitter(seed, name),
+        ),
+    )
+    return Scene(
+        name=name,
+        driver="async",
+        policy_text=(
+            "timeout 60 ms, deadline 400 ms, retry x5 on timeouts, around a charge behind "
+            "@reskit.idempotent(wait=True)"
+        ),
+        dependency_text="12% of charges take 80-150 ms: the client times out and retries",
+        policy=policy,
+        dependency=dependency,
+        calls=calls,
+        arrivals=_arrivals(seed, name, calls),
+        target=checkout,
+        notes=checkout.notes,
+    )
+
+
 _SCENES: tuple[Callable[[int, int, int], Scene], ...] = (
     _payments,
     _inventory,
@@ -565,6 +640,7 @@ _SCENES: tuple[Callable[[int, int, int], Scene], ...] = (
     _recommendations,
     _search,
     _reviews,
+    _checkout,
 )
 
 
@@ -600,7 +676,8 @@ async def _call_async(scene: Scene, index: int) -> None:
     started = time.perf_counter()
     with reskit.bind_correlation_id(f"demo-{scene.name}-{index:05d}"):
         try:
-            outcome, cause = _settled(await scene.policy.acall(scene.dependency.acall, call))
+            target = scene.target or scene.dependency.acall
+            outcome, cause = _settled(await scene.policy.acall(target, call))
         except Exception as exc:
             outcome, cause = _outcome(exc), _cause(exc)
     scene.tally.add(outcome, cause, time.perf_counter() - started)
@@ -941,6 +1018,8 @@ def render_details(result: DemoResult) -> str:
         opened = result.collector.by_owner["reskit.breaker.opened", scene.name]
         if opened:
             parts.append(f"breaker opened {opened}x")
+        if scene.notes is not None:
+            parts.append(scene.notes())
         text = f"{scene.name:<{width}}  " + ("; ".join(parts) or "every call succeeded")
         lines.append(_wrapped(text, then="  " + " " * (width + 2)))
     return "\n".join(lines)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reskit import _clock
 from reskit._audit import AuditEntry, AuditHead
 from reskit._store import After, Declaration, Snapshot, Store, resolve
+
+if TYPE_CHECKING:
+    from reskit._idempotency import IdempotencyStore
 
 __all__ = ["MemoryStore"]
 
@@ -30,6 +33,7 @@ class MemoryStore(Store):
         self._lines: list[str] = []
         self._head = AuditHead()
         self._declarations: dict[str, Declaration] = {}
+        self._idempotency: Any = None
 
     def _after_fork(self) -> None:
         super()._after_fork()
@@ -88,6 +92,18 @@ class MemoryStore(Store):
     def declarations(self) -> dict[str, Declaration]:
         with self._lock:
             return dict(self._declarations)
+
+    def idempotency(self) -> IdempotencyStore:
+        # Made on first use: a process without idempotency keys never loads the module.
+        from reskit._idempotency import MemoryIdempotencyStore
+
+        store: IdempotencyStore | None = self._idempotency
+        if store is None:
+            with self._lock:
+                store = self._idempotency
+                if store is None:
+                    store = self._idempotency = MemoryIdempotencyStore()
+        return store
 
     def forget_declaration(self, name: str) -> None:
         with self._lock:
