@@ -1,12 +1,17 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 import structlog
 
+from redis_servers import RedisServer, running_redis
 from reskit import _telemetry
 from reskit.testing import FakeClock, SpanCapture, set_testing
+
+if TYPE_CHECKING:
+    from reskit.stores.redis import RedisStore
 
 
 @pytest.fixture
@@ -57,3 +62,32 @@ def _fresh_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     forget()
     configure(MemoryStore())
+
+
+# -- Redis: real servers the tests start (tests/redis_servers.py) ----------------------------
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, on a free port; skipped without the binary
+    unless RESKIT_REQUIRE_REDIS=1."""
+    with running_redis() as srv:
+        yield srv
+
+
+@pytest.fixture
+def stores() -> Iterator[Callable[..., RedisStore]]:
+    """Make RedisStores (``stores(url, resync_interval="0.05")``), closed after the test."""
+    from reskit.stores.redis import RedisStore
+
+    made: list[RedisStore] = []
+
+    def make(url: str, **options: str) -> RedisStore:
+        query = "&".join(f"{k}={v}" for k, v in options.items())
+        store = RedisStore(f"{url}?{query}" if query else url)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()

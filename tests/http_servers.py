@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 import socketserver
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,15 +30,21 @@ def running_uvicorn(app: Any) -> Iterator[str]:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="none"
     )
-    server = uvicorn.Server(config)
+    ready = threading.Event()
+
+    class Server(uvicorn.Server):  # type: ignore[misc,name-defined]
+        async def startup(self, sockets: Any = None) -> None:
+            try:
+                await super().startup(sockets)
+            finally:
+                ready.set()  # started, or failed to: either way, stop waiting
+
+    server = Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + STOP_WITHIN
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                pytest.fail("uvicorn did not start within 10 s")
-            time.sleep(0.01)
+        if not ready.wait(STOP_WITHIN) or not server.started:
+            pytest.fail("uvicorn did not start within 10 s")
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -77,26 +78,36 @@ def running_script(name: str) -> Iterator[httpx.Client]:
         stderr=subprocess.STDOUT,
         text=True,
     )
+    output: list[str] = []
+    drain: threading.Thread | None = None
     try:
-        deadline = time.monotonic() + 15
+        # Both servers say so when they listen (uvicorn "Uvicorn running on",
+        # Flask's " * Running on"): wait for that line, not for time to pass.
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            if "running on" in line.lower():
+                break
+        else:
+            pytest.fail(f"the example server exited before listening:\n{''.join(output)}")
+        # Keep reading what it logs, so a full pipe can never block it.
+        drain = threading.Thread(target=proc.stdout.read, daemon=True)
+        drain.start()
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
-            while True:
-                try:
-                    response = client.get("/healthz")
-                    break
-                except httpx.TransportError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail("the example server did not come up within 15 s")
-                    time.sleep(0.05)
+            response = client.get("/healthz")
             assert response.json() == {"status": "ok"}
             yield client
     finally:
         proc.terminate()
         try:
-            proc.communicate(timeout=10)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+        if drain is not None:
+            drain.join()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def test_quickstart_runs() -> None:

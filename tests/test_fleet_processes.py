@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import reskit
-from redis_servers import RedisServer, running_redis
+from redis_servers import RedisServer
 from reskit.stores.redis import RedisStore
 
 pytestmark = pytest.mark.redis
@@ -142,12 +142,6 @@ class Worker:
                     pipe.close()
                 except OSError:
                     pass  # a killed worker's stdin may have unflushed bytes: nobody reads them
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    with running_redis() as srv:
-        yield srv
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import reskit
-from redis_servers import RedisServer, running_redis
+from redis_servers import RedisServer
 from reskit import IdempotencyConflict, IdempotencyMismatch, IdempotentFailure, StoreUnavailable
 from reskit._idempotency import idempotent
 from reskit.stores.redis import RedisIdempotencyStore, RedisStore
@@ -34,28 +34,6 @@ from test_idempotency import FP, aexercise_protocol, exercise_fencing, exercise_
 pytestmark = pytest.mark.redis
 
 WAIT = 10.0  # real seconds an expected event may take before the test fails
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    with running_redis() as srv:
-        yield srv
-
-
-@pytest.fixture
-def stores() -> Iterator[Callable[..., RedisStore]]:
-    """Make RedisStores that are closed after the test."""
-    made: list[RedisStore] = []
-
-    def make(url: str, **options: str) -> RedisStore:
-        query = "&".join(f"{k}={v}" for k, v in options.items())
-        store = RedisStore(f"{url}?{query}" if query else url)
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        store.close()
 
 
 @pytest.fixture

@@ -11,14 +11,14 @@ import json
 import os
 import pickle
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import reskit
-from redis_servers import RedisServer, free_port, require_redis, running_cluster, running_redis
+from redis_servers import RedisServer, free_port, require_redis, running_cluster
 from reskit import KillSwitch, Policy, StoreUnavailable
 from reskit._store import Snapshot, Store
 from reskit.stores.redis import RedisStore
@@ -26,28 +26,6 @@ from reskit.stores.redis import RedisStore
 pytestmark = pytest.mark.redis
 
 WAIT = 10.0  # seconds an expected event may take before the test fails
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    with running_redis() as srv:
-        yield srv
-
-
-@pytest.fixture
-def stores() -> Iterator[Callable[..., RedisStore]]:
-    """Make RedisStores that are closed after the test."""
-    made: list[RedisStore] = []
-
-    def make(url: str, **options: str) -> RedisStore:
-        query = "&".join(f"{k}={v}" for k, v in options.items())
-        store = RedisStore(f"{url}?{query}" if query else url)
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        store.close()
 
 
 def wait_for(store: Store, predicate: Callable[[Store], bool], what: str) -> None:

@@ -1,7 +1,8 @@
 """ASGI middleware: idempotency keys for HTTP APIs, under any ASGI framework.
 
-Pure ASGI (no Starlette ``BaseHTTPMiddleware``, which breaks contextvars and
-streaming): wrap any ASGI app, Starlette, FastAPI, Django or Litestar alike::
+Pure ASGI, with no framework's middleware base class (Starlette's breaks
+contextvars and streaming): wrap any ASGI app, Starlette, FastAPI, Django or
+Litestar alike::
 
     from reskit.asgi import IdempotencyMiddleware
 

@@ -245,7 +245,6 @@ class RedisStore(Store):
         """Per-process parts: the client, the locks, the subscriber thread."""
         self._sync_lock = threading.RLock()
         self._stopping = threading.Event()
-        self._wake = threading.Event()
         self._stale = False
         self._last_ok = time.monotonic()
         self._pubsub: Any = None
@@ -1430,11 +1429,6 @@ class BreakerLink:
         if want > 0:
             ttl = breaker.max_half_open_wait or breaker.reset_timeout
             self._step("lease", breaker.half_open_max_calls, int(ttl * 1000), want, self.owner)
-
-    def describe(self) -> dict[str, Any]:
-        """The fleet's state of this breaker, read now (for ``reskit breakers``)."""
-        raw = self.store._client.hgetall(self.key)
-        return _fleet_state(self.name, raw)
 
 
 def _fleet_state(name: str, raw: Mapping[bytes, bytes]) -> dict[str, Any]:
