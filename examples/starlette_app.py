@@ -1,5 +1,12 @@
 """A Starlette app whose handlers call a flaky dependency through reskit policies.
 
+Its edge is guarded too: :class:`reskit.asgi.CorrelationIdMiddleware` gives
+every request an ``X-Request-ID``, and :class:`reskit.asgi.ShedMiddleware`
+keeps orders flowing when too much traffic arrives: ``/orders`` is critical
+(a bulkhead, never shed), ``/stock`` is shed at brownout level 1, has a kill
+switch and lets each tenant (``X-Tenant``) have four lookups in flight (429
+beyond that).
+
 Run it with either of (from the repository root, with starlette and uvicorn
 installed, e.g. ``pip install -e ".[dev]"``)::
 
@@ -11,6 +18,9 @@ Then try::
     curl -i localhost:8000/stock/sku-1           # retried, falls back when it must
     curl -i localhost:8000/stock/sku-1/strict    # no fallback: 503 when the call fails
     curl -i -H 'X-Request-ID: my-trace-1' localhost:8000/stock/sku-1
+    curl -i -X POST localhost:8000/orders/sku-1  # critical: kept under brownout
+    # with the server and the CLI on one store (RESKIT_STORE=redis://... for both):
+    reskit brownout 1                            # /stock answers 503, /orders still 201
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
 import zlib
 from typing import Any
 
@@ -27,6 +38,20 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import reskit
+from reskit import Bulkhead, Policy
+from reskit.asgi import CorrelationIdMiddleware, ShedMiddleware
+
+# A tenant name as the gateway in front sets it in X-Tenant; anything else is no tenant.
+_TENANT = re.compile(r"[a-z0-9-]{1,64}")
+
+
+def tenant_of(scope: Any) -> str | None:
+    """``ShedMiddleware``'s ``tenant=``: the ``X-Tenant`` of an ASGI request, if well formed."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-tenant":
+            tenant = value.decode("latin-1")
+            return tenant if _TENANT.fullmatch(tenant) else None
+    return None
 
 
 class FlakyInventory:
@@ -42,6 +67,7 @@ class FlakyInventory:
         self.error_rate = error_rate
         self.hang_rate = hang_rate
         self.calls = 0
+        self.orders = 0  # orders placed against this stock
         self._random = random.Random(seed)
 
     async def stock(self, sku: str) -> int:
@@ -55,19 +81,30 @@ class FlakyInventory:
         return zlib.crc32(sku.encode()) % 100
 
 
-def create_app(inventory: FlakyInventory | None = None) -> Starlette:
-    """Build the app around ``inventory`` (a new :class:`FlakyInventory` by default)."""
+def create_app(
+    inventory: FlakyInventory | None = None,
+    *,
+    timeout: float | None = 0.2,
+    deadline: float | None = 0.5,
+) -> CorrelationIdMiddleware:
+    """Build the app around ``inventory`` (a new :class:`FlakyInventory` by default).
+
+    ``timeout`` bounds each call to the inventory and ``deadline`` a request's
+    whole call, retries included (``None``: unbounded, which the tests use to
+    hold requests in flight). Returns the ASGI app with its middleware; the
+    Starlette app inside is ``app.app.app``.
+    """
     backend = inventory if inventory is not None else FlakyInventory()
     retry = reskit.Retry(
         attempts=3, on=(ConnectionError, TimeoutError), wait_initial=0.01, wait_max=0.05
     )
-    # Each attempt may take 200 ms and the whole call, retries included, 500 ms:
+    # By default each attempt may take 200 ms and the whole call, retries included, 500 ms:
     # a request never waits on the dependency for longer than that.
-    strict = reskit.Policy("inventory", timeout=0.2, deadline=0.5, retry=retry)
+    strict = reskit.Policy("inventory", timeout=timeout, deadline=deadline, retry=retry)
     lenient = reskit.Policy(
         "inventory.with_fallback",
-        timeout=0.2,
-        deadline=0.5,
+        timeout=timeout,
+        deadline=deadline,
         retry=retry,
         fallback=lambda exc: {"stock": None, "source": "fallback", "error": type(exc).__name__},
     )
@@ -75,18 +112,14 @@ def create_app(inventory: FlakyInventory | None = None) -> Starlette:
     async def live_stock(sku: str) -> dict[str, Any]:
         return {"stock": await backend.stock(sku), "source": "live"}
 
-    def respond(body: dict[str, Any], cid: str, status: int = 200) -> JSONResponse:
-        body["correlation_id"] = cid
-        headers = {"X-Request-ID": cid}
+    def respond(body: dict[str, Any], status: int = 200) -> JSONResponse:
+        # CorrelationIdMiddleware bound the ID and puts it on the response headers.
+        body["correlation_id"] = reskit.correlation_id()
+        headers = {}
         retry_after = body.pop("retry_after", None)
         if retry_after is not None:
             headers["Retry-After"] = str(max(1, round(retry_after)))
         return JSONResponse(body, status_code=status, headers=headers)
-
-    def request_id(request: Request) -> str | None:
-        # Adopt the caller's ID only when it is safe to echo and log.
-        value = request.headers.get("x-request-id")
-        return value if reskit.valid_correlation_id(value) else None
 
     async def index(request: Request) -> JSONResponse:
         return JSONResponse(
@@ -94,6 +127,7 @@ def create_app(inventory: FlakyInventory | None = None) -> Starlette:
                 "routes": {
                     "/stock/{sku}": "stock level; retried, falls back when the call fails",
                     "/stock/{sku}/strict": "stock level; 503 when the call fails",
+                    "POST /orders/{sku}": "order one; critical, never shed",
                     "/healthz": "liveness",
                 }
             }
@@ -101,27 +135,32 @@ def create_app(inventory: FlakyInventory | None = None) -> Starlette:
 
     async def stock(request: Request) -> JSONResponse:
         sku = request.path_params["sku"]
-        with reskit.bind_correlation_id(request_id(request)) as cid:
-            body = await lenient.acall(live_stock, sku)
-            return respond({"sku": sku, **body}, cid)
+        body = await lenient.acall(live_stock, sku)
+        return respond({"sku": sku, **body})
+
+    async def strict_stock(sku: str) -> tuple[dict[str, Any], int]:
+        try:
+            body = await strict.acall(live_stock, sku)
+        except (reskit.ReskitError, ConnectionError) as exc:
+            return {
+                "sku": sku,
+                "error": type(exc).__name__,
+                "detail": str(exc),
+                "retry_after": getattr(exc, "retry_after", None),
+            }, 503
+        return {"sku": sku, **body}, 200
 
     async def stock_strict(request: Request) -> JSONResponse:
-        sku = request.path_params["sku"]
-        with reskit.bind_correlation_id(request_id(request)) as cid:
-            try:
-                body = await strict.acall(live_stock, sku)
-            except (reskit.ReskitError, ConnectionError) as exc:
-                return respond(
-                    {
-                        "sku": sku,
-                        "error": type(exc).__name__,
-                        "detail": str(exc),
-                        "retry_after": getattr(exc, "retry_after", None),
-                    },
-                    cid,
-                    status=503,
-                )
-            return respond({"sku": sku, **body}, cid)
+        return respond(*await strict_stock(request.path_params["sku"]))
+
+    async def order(request: Request) -> JSONResponse:
+        body, status = await strict_stock(request.path_params["sku"])
+        if status == 200:
+            if not body["stock"]:
+                return respond({**body, "error": "out of stock"}, 409)
+            backend.orders += 1
+            return respond({**body, "order": f"ord_{backend.orders}"}, 201)
+        return respond(body, status)
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -131,11 +170,25 @@ def create_app(inventory: FlakyInventory | None = None) -> Starlette:
             Route("/", index),
             Route("/stock/{sku}", stock),
             Route("/stock/{sku}/strict", stock_strict),
+            Route("/orders/{sku}", order, methods=["POST"]),
             Route("/healthz", healthz),
         ]
     )
     app.state.inventory = backend
-    return app
+    # Policies for the edge, built per app: a policy follows its store's switches.
+    routes = {
+        # Critical: no shed_at, so no brownout level turns orders off.
+        "/orders": Policy("orders", bulkhead=Bulkhead(max_concurrent=32)),
+        # Browsing: shed first, killable, and four lookups in flight per tenant.
+        "/stock": Policy(
+            "stock",
+            shed_at=1,
+            kill_switch=True,
+            bulkhead=Bulkhead(max_concurrent=4, max_partitions=1000),
+        ),
+    }
+    # Correlation IDs outermost: shed requests and 500s carry the ID too.
+    return CorrelationIdMiddleware(ShedMiddleware(app, routes=routes, tenant=tenant_of))
 
 
 app = create_app()

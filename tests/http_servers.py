@@ -20,15 +20,22 @@ STOP_WITHIN = 10.0  # seconds a server may take to start or stop before the test
 
 
 @contextmanager
-def running_uvicorn(app: Any) -> Iterator[str]:
-    """Serve the ASGI ``app`` with uvicorn; yield its base URL."""
+def running_uvicorn(app: Any, *, lifespan: str = "off") -> Iterator[str]:
+    """Serve the ASGI ``app`` with uvicorn; yield its base URL.
+
+    ``lifespan="on"`` runs the app's startup and shutdown (an app that opens
+    clients of its own closes them there, on its own event loop).
+    """
     uvicorn = pytest.importorskip("uvicorn")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit it: without it, a response whose head and body
+    # are written apart waits ~40 ms on the client's delayed ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="none"
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan, ws="none"
     )
     ready = threading.Event()
 

@@ -1053,3 +1053,18 @@ def test_the_checkout_scene_never_charges_an_order_twice() -> None:
     assert orders == charges == 200
     assert requests > orders  # timeouts made the client retry...
     assert "(0 orders charged twice)" in line  # ...and no retry charged again
+
+
+def test_demo_outbound_http_scene() -> None:
+    pytest.importorskip("httpx")
+    out = io.StringIO()
+    assert _demo.run_demo(calls=160, seed=3, http=True, out=out) == 0
+    text = out.getvalue()
+    assert text.startswith("reskit demo: 160 calls to 8 simulated dependencies")
+    rows = parse_table(text)
+    assert list(rows) == [*SCENES, "outbound-http", "total"]
+    assert_counts_add_up(rows, 160)
+    # eu fails 15% of the time and is down for a stretch: failover keeps calls succeeding.
+    assert rows["outbound-http"]["failure"] <= 2
+    assert "the eu region answered" in text
+    assert [s.name for s in _demo.build_scenes(16, 1, 4)] == SCENES  # opt-in only

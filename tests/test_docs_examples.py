@@ -32,14 +32,18 @@ SRC = ROOT / "src"
 SKIP_MARKER = "<!-- skip-example -->"
 # Pages that promise at least one runnable example.
 PAGES_WITH_EXAMPLES = (
+    "admin.md",
     "architecture.md",
     "audit.md",
     "breaker.md",
     "brownout.md",
+    "deadlines.md",
     "errors.md",
     "fallback.md",
     "idempotency.md",
     "fleet.md",
+    "httpx.md",
+    "middleware.md",
     "migrating.md",
     "policy.md",
     "retries.md",

@@ -29,6 +29,7 @@ import reskit.asgi
 import reskit.wsgi
 from http_servers import running_uvicorn, running_wsgi
 from reskit import _idempotency_http
+from reskit._http import Problem, status_line
 from reskit.stores import MemoryIdempotencyStore
 
 WAIT = 10.0  # seconds an expected event may take before the test fails
@@ -172,7 +173,7 @@ def wsgi_app(backend: Backend) -> Any:
             start_response("200 OK", [("Content-Type", "text/plain")])
             return stream()
         status, headers, content = backend.answer(path, call, body, auth)
-        start_response(_idempotency_http.status_line(status), headers)
+        start_response(status_line(status), headers)
         return [content]
 
     def stream() -> Iterator[bytes]:
@@ -489,7 +490,7 @@ def test_header_injection_through_the_key_goes_nowhere(serve: Callable[..., Serv
     ["a\r\nb", "a\nb", "a\rb", "a\x00b", "\x00", "a\x85b", "\u2028", '"a\r\nb"', '"a\x00"'],
 )
 def test_parse_key_refuses_line_breaks_and_control_characters(value: str) -> None:
-    with pytest.raises(_idempotency_http.Problem) as caught:
+    with pytest.raises(Problem) as caught:
         _idempotency_http.parse_key([value])
     assert caught.value.status == 400
 

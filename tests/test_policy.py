@@ -16,7 +16,7 @@ from reskit.testing import FakeClock
 def test_public_names_are_exported_and_sorted() -> None:
     assert reskit.__all__ == sorted(reskit.__all__)
     public = {name for name in dir(reskit) if not name.startswith("_")}
-    submodules = {"testing", "cli", "stores", "openfeature", "asgi", "wsgi"}
+    submodules = {"testing", "cli", "stores", "openfeature", "asgi", "wsgi", "httpx"}
     assert public - submodules - {"annotations"} == set(reskit.__all__)
     # Every name is loaded on first use from the module the lazy table names.
     assert set(reskit._HOME) == set(reskit.__all__)

@@ -13,6 +13,7 @@ import tenacity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import reskit
 from reskit import (
     BulkheadFull,
     CircuitOpen,
@@ -400,13 +401,29 @@ def test_budget_shared_across_threads_is_exact() -> None:
 # -- construction -------------------------------------------------------------------
 
 
+def test_a_retry_without_a_condition_is_refused_where_it_protects_a_function() -> None:
+    # Constructible (reskit.httpx's transports supply the condition), but a policy
+    # applied to a function with it raises at once, saying what to add.
+    retry = Retry(attempts=3)
+    policy = Policy("p", retry=retry)
+    with pytest.raises(TypeError, match="Retry needs on="):
+        policy(lambda: None)
+    with pytest.raises(TypeError, match="Retry needs on="):
+        reskit.retry(attempts=3)(lambda: None)
+
+    async def coroutine() -> None:
+        pass
+
+    with pytest.raises(TypeError, match="Retry needs on="):
+        policy(coroutine)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
         ({"attempts": 0, "on": Exception}, ValueError, "attempts must be >= 1"),
         ({"attempts": -3, "on": Exception}, ValueError, "attempts must be >= 1"),
         ({"attempts": 2.5, "on": Exception}, TypeError, "attempts must be an int"),
-        ({"attempts": 3}, TypeError, "Retry needs on="),
         ({"on": "ValueError"}, TypeError, "on= must be an exception type"),
         ({"on": ()}, TypeError, "non-empty tuple"),
         ({"on": Exception, "wait_initial": 2, "wait_max": 1}, ValueError, "wait_max"),

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ._breaker import BreakerState, CircuitBreaker
     from ._bulkhead import Bulkhead
     from ._context import (
+        CorrelationIdFilter,
         bind_correlation_id,
         correlation_id,
         new_correlation_id,
@@ -87,6 +88,7 @@ __all__ = [
     "BulkheadFull",
     "CircuitBreaker",
     "CircuitOpen",
+    "CorrelationIdFilter",
     "Fallback",
     "FrozenConfigError",
     "GradientLimit",
@@ -150,6 +152,7 @@ _HOMES = {
     "._breaker": ("BreakerState", "CircuitBreaker"),
     "._bulkhead": ("Bulkhead",),
     "._context": (
+        "CorrelationIdFilter",
         "bind_correlation_id",
         "correlation_id",
         "new_correlation_id",

@@ -93,7 +93,7 @@ class AdaptiveLimit:
                 f"max_limit ({max_limit}); choose a starting limit inside that range"
             )
         self._estimate = float(initial)
-        self._bound = False
+        self._bound = False  # pragma: no mutate (None would read as false too)
 
     @property
     def current(self) -> int:
@@ -116,9 +116,9 @@ class AdaptiveLimit:
         .. versionadded:: 0.1.0
         """
         estimate = self._update(duration, in_flight, dropped)
-        if estimate < self._min_limit:
+        if estimate < self._min_limit:  # pragma: no mutate (<=: the same value either way)
             estimate = float(self._min_limit)
-        elif estimate > self._max_limit:
+        elif estimate > self._max_limit:  # pragma: no mutate (>=: the same value either way)
             estimate = float(self._max_limit)
         self._estimate = estimate
         return int(estimate)
@@ -303,7 +303,7 @@ class GradientLimit(AdaptiveLimit):
     def _update(self, duration: float, in_flight: int, dropped: bool) -> float:
         # A zero duration (a fake clock, a cached answer) must not divide by zero;
         # a nanosecond floor reads it as "no queueing at all".
-        short = duration if duration > 1e-9 else 1e-9
+        short = duration if duration > 1e-9 else 1e-9  # pragma: no mutate (>= picks 1e-9 too)
         self._samples += 1
         if self._samples <= self._warmup:
             self._long_rtt += (short - self._long_rtt) / self._samples

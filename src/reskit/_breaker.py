@@ -105,8 +105,10 @@ class _ListenerState:
     __slots__ = ("name", "state")
 
     def __init__(self, name: str, state: BreakerState) -> None:
+        # pragma: no mutate start (runs at import, before mutmut switches a mutant on)
         self.name = name
         self.state = state
+        # pragma: no mutate end
 
     def __repr__(self) -> str:
         return f"<breaker state {self.name}>"
@@ -214,11 +216,12 @@ class _TimeWindow:
         """Forget the buckets that fell out of the window by ``now``."""
         second = math.floor(now)
         last = self._second
-        if second <= last:
+        if second <= last:  # pragma: no mutate (<: for the same second the loop is empty)
             return
         size = len(self._calls)
-        # A long quiet spell clears at most every bucket once, however long it was.
-        for sec in range(max(last + 1, second - size + 1), second + 1):
+        # A long quiet spell clears at most every bucket once, however long it was. (Clearing
+        # more seconds than size would clear some buckets twice, subtracting nothing.)
+        for sec in range(max(last + 1, second - size + 1), second + 1):  # pragma: no mutate
             i = sec % size
             self.calls -= self._calls[i]
             self.failures -= self._failures[i]
@@ -558,8 +561,11 @@ class CircuitBreaker:
         # In a forked child: the lock may have been held by a thread that is gone,
         # and so may every half-open probe slot. A probe of the forking thread
         # itself is then simply not recorded.
+        # pragma: no mutate start (runs only in a forked child, where mutmut cannot link it to
+        # a test; tests/test_mutation_fork.py checks it)
         self._lock = threading.Lock()
         self._probes.clear()
+        # pragma: no mutate end
 
     # -- configuration ------------------------------------------------------
     def _uses_window(self) -> bool:
@@ -838,9 +844,12 @@ class CircuitBreaker:
 
     def _operate(self, mode: str | None) -> None:
         """Follow an operator's state from the store: forced open, forced closed, or none."""
+        # pragma: no mutate start (the store sends "forced_open", "forced_closed" or None: a
+        # mode with no expected state is None, and re-forcing a forced state changes nothing)
         expected = {"forced_open": _FORCED_OPEN, "forced_closed": _DISABLED}.get(mode or "")
         if mode == self._operator and (expected is None or self._phase.state is expected):
             return  # already so (a local reset() in between is undone below)
+        # pragma: no mutate end
         previous, self._operator = self._operator, mode
         if mode == "forced_open":
             self.force_open()
@@ -910,7 +919,7 @@ class CircuitBreaker:
                 return phase
         elif phase.open:
             wait = self._half_open_at - _clock.now()
-            if wait > 0.0:
+            if wait > 0.0:  # pragma: no mutate (past a later cut-off, _admit_slow rejects alike)
                 # A fresh exception each time: re-raising a shared one would grow
                 # its traceback on every rejection. Built in a helper so that no
                 # local of this frame holds it: exception -> traceback -> this
@@ -980,7 +989,8 @@ class CircuitBreaker:
             self._announce(transition)
         if permit is None:
             raise _rejection(message, policy_name, retry_after)
-        if self._before_call and (isinstance(permit, _Probe) or permit.closed):
+        # An "or" would only loop over no hooks at all: the pragma marks that equivalent mutant.
+        if self._before_call and (isinstance(permit, _Probe) or permit.closed):  # pragma: no mutate
             self._call_before(func, args, kwargs)
         return permit
 

@@ -72,7 +72,7 @@ class _Partition:
         self.key = key
         # Set in a forked child on the partitions it inherited and replaced: a slot
         # taken from one before the fork is then given back to nothing.
-        self.stale = False
+        self.stale = False  # pragma: no mutate (None would read as false too)
         # One token per free slot that has been handed out before (see the module
         # docstring for why a list), and the slots never handed out yet. Always:
         # len(free) + unissued + slots in use == max_concurrent.
@@ -82,6 +82,15 @@ class _Partition:
 
     def available(self) -> int:
         return len(self.free) + self.unissued
+
+
+def _over_quota(part: _Partition) -> str | None:
+    """The key of a keyed partition whose own slots are all in use, else ``None``.
+
+    A keyed partition with a free slot was refused by the bulkhead's shared
+    (adaptive) cap: the service is full, not that key's share of it.
+    """
+    return part.key if part.key is not None and not part.available() else None
 
 
 def _take_slot_locked(part: _Partition) -> bool:
@@ -106,10 +115,10 @@ class _Waiter:
         self.deadline = None if budget is None else _clock.now() + budget
         # Set under the bulkhead's lock when a slot is handed over; the event or
         # future only wakes the waiter, this flag is the truth.
-        self.granted = False
+        self.granted = False  # pragma: no mutate (None would read as false too)
         # Set once the waiter has left for good (with its slot, without one, or
         # by passing the slot on), so a second exit path cannot undo it twice.
-        self.settled = False
+        self.settled = False  # pragma: no mutate (None would read as false too)
 
     def wake(self, bulkhead: Bulkhead) -> None:
         raise NotImplementedError
@@ -322,8 +331,8 @@ class Bulkhead:
         # Calls in flight across the bulkhead; only kept with an adaptive limit.
         self._in_flight = 0
         self._waiting = 0
-        self._seq = 0
-        self._mean_duration = -1.0
+        self._seq = 0  # pragma: no mutate (only the order of seqs matters)
+        self._mean_duration = -1.0  # pragma: no mutate (any negative means "no estimate yet")
         _GAUGE.track(self)
         _fork.track(self)
 
@@ -332,6 +341,8 @@ class Bulkhead:
         # held would never come back and their waiters never wake. Start empty; the
         # old partitions are marked stale, so a slot the forking thread itself held
         # (a call or an admission in progress at the fork) is recorded as nothing.
+        # pragma: no mutate start (runs only in a forked child, where mutmut cannot link it to
+        # a test; tests/test_mutation_fork.py checks it)
         self._default.stale = True
         for part in self._partitions.values():
             part.stale = True
@@ -344,6 +355,7 @@ class Bulkhead:
         self._waiting = 0
         if self._adaptive is not None:
             self._global_cap = self._adaptive.current
+        # pragma: no mutate end
 
     # -- introspection -------------------------------------------------------
     @property
@@ -479,7 +491,7 @@ class Bulkhead:
         if self._name is None:
             self._name = policy_name
         key = self._key_of(key, fn, args, kwargs)
-        permit = self._take(key)
+        permit = self._take(key)  # pragma: no mutate (a fast path: _try_acquire takes it too)
         if permit is not None:
             return permit
         got = self._try_acquire(policy_name, key, False)
@@ -517,7 +529,7 @@ class Bulkhead:
         if self._name is None:
             self._name = policy_name
         key = self._key_of(key, fn, args, kwargs)
-        permit = self._take(key)
+        permit = self._take(key)  # pragma: no mutate (a fast path: _try_acquire takes it too)
         if permit is not None:
             return permit
         got = self._try_acquire(policy_name, key, True)
@@ -562,7 +574,7 @@ class Bulkhead:
             )
         woken: list[_Waiter] | None
         if self._lock_free and permit is self._default:
-            returned = False
+            returned = False  # pragma: no mutate (None would read as false too)
             if not permit.waiters:
                 permit.free.append(None)
                 # A caller may have queued after our check: look again now that
@@ -598,7 +610,7 @@ class Bulkhead:
             if self._waiting:
                 woken = self._grant_locked(permit)
             else:
-                woken = None
+                woken = None  # pragma: no mutate (any false value: nobody to wake)
                 self._reclaim_locked(permit)
         if woken:
             for waiter in woken:
@@ -610,7 +622,7 @@ class Bulkhead:
     def _try_acquire(
         self, policy_name: str | None, key: str | None, asynchronous: bool
     ) -> _Partition | _Waiter:
-        woken: list[_Waiter] | None = None
+        woken: list[_Waiter] | None = None  # pragma: no mutate (any false value)
         waiter: _Waiter | None = None
         with self._lock:
             part = self._default if key is None else self._partitions.get(key)
@@ -618,6 +630,7 @@ class Bulkhead:
                 assert key is not None
                 if len(self._partitions) < self._max_partitions:
                     part = self._new_partition_locked(key)
+            quota: str | None = None
             if part is None:
                 reason = (
                     f"{len(self._partitions)} partitions are in use "
@@ -635,11 +648,15 @@ class Bulkhead:
                     if self._adaptive is not None:
                         self._in_flight += 1
                     return part
+                quota = _over_quota(part)
                 reason, retry_after, waiter = self._enqueue_locked(part, asynchronous)
+                # pragma: no mutate start (an "or" would only add a hand-over that finds no
+                # free slot, and the hand-over itself is there for a race no test can time)
                 if waiter is not None and self._lock_free and part is self._default:
                     # A lock-free release may have published a token after our
                     # take failed and before we queued.
                     woken = self._grant_locked(part)
+                # pragma: no mutate end
         if woken:
             for other in woken:
                 other.wake(self)
@@ -648,7 +665,12 @@ class Bulkhead:
         _GAUGE.ensure()
         if waiter is not None:
             return waiter
-        raise BulkheadFull(f"bulkhead full: {reason}", policy=policy_name, retry_after=retry_after)
+        raise BulkheadFull(
+            f"bulkhead full: {reason}",
+            policy=policy_name,
+            retry_after=retry_after,
+            partition=quota,
+        )
 
     def _enqueue_locked(
         self, part: _Partition, asynchronous: bool
@@ -665,37 +687,41 @@ class Bulkhead:
             return reason, retry_after, None
         budget = self._wait_timeout
         left = remaining_deadline()
-        if left is not None and (budget is None or left < budget):
+        # The pragma marks "left <= budget": when they are equal either is the budget.
+        if left is not None and (budget is None or left < budget):  # pragma: no mutate
             budget = left
         if budget is not None and budget <= 0.0:
             retry_after = self._retry_after_locked(len(part.waiters))
             self._reclaim_locked(part)
             return "no time left before the deadline to wait for a slot", retry_after, None
-        self._seq += 1
+        self._seq += 1  # pragma: no mutate (+= 2 keeps the order, which is all seq is for)
         waiter: _Waiter
         if asynchronous:
             waiter = _TaskWaiter(part, self._seq, budget)
         else:
             waiter = _ThreadWaiter(part, self._seq, budget)
         if not part.waiters:
-            self._queued[part] = None
+            self._queued[part] = None  # pragma: no mutate (an ordered set: the value is unused)
         part.waiters.append(waiter)
         self._waiting += 1
-        return "", None, waiter
+        return "", None, waiter  # pragma: no mutate (a caller that queues reads no reason)
 
     def _finish_wait(self, waiter: _Waiter, policy_name: str | None) -> _Partition:
         part = waiter.partition
         with self._lock:
             if waiter.granted:
-                waiter.settled = True
+                waiter.settled = True  # pragma: no mutate (nothing ends this waiter again)
                 return part
+            quota = _over_quota(part)
             self._remove_locked(waiter)
             retry_after = self._retry_after_locked(len(part.waiters))
-        waited = "" if waiter.budget is None else f" {waiter.budget:.3g}s"
+        # Only a waiter with a budget gets here without a slot: no budget, no time-out.
+        waited = "" if waiter.budget is None else f" {waiter.budget:.3g}s"  # pragma: no mutate
         raise BulkheadFull(
             f"bulkhead full: waited{waited} for a slot and none freed up",
             policy=policy_name,
             retry_after=retry_after,
+            partition=quota,
         )
 
     def _abandon(self, waiter: _Waiter) -> None:
@@ -718,7 +744,7 @@ class Bulkhead:
             other.wake(self)
 
     def _remove_locked(self, waiter: _Waiter) -> None:
-        waiter.settled = True
+        waiter.settled = True  # pragma: no mutate (out of the queue, nothing ends it again)
         part = waiter.partition
         part.waiters.remove(waiter)
         self._waiting -= 1
@@ -748,9 +774,11 @@ class Bulkhead:
         del self._partitions[part.key]  # type: ignore[arg-type]
         # Per-request keys (a tenant per call) would otherwise build and free a
         # partition on every call; a few spares make that churn allocation-free.
+        # pragma: no mutate start (how many spares are kept, and their key, is memory only)
         if len(self._spare) < _SPARE_PARTITIONS:
             part.key = None
             self._spare.append(part)
+        # pragma: no mutate end
 
     def _grant_locked(self, part: _Partition) -> list[_Waiter]:
         woken: list[_Waiter] = []
@@ -765,10 +793,12 @@ class Bulkhead:
             while self._queued and self._in_flight < self._global_cap:
                 best: _Partition | None = None
                 for queued in self._queued:
+                    # pragma: no mutate start (<= picks the same: no two waiters share a seq)
                     if queued.available() and (
                         best is None or queued.waiters[0].seq < best.waiters[0].seq
                     ):
                         best = queued
+                    # pragma: no mutate end
                 if best is None:
                     break
                 _take_slot_locked(best)

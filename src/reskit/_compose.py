@@ -44,7 +44,7 @@ from ._context import _correlation_id, _deadline, new_correlation_id
 from ._errors import Rejected, TimeoutExceeded
 from ._observe import Observation, log_retry
 from ._order import ORDER, Role
-from ._retry import Flow, Retry, RetryCall, arun_flow, run_flow
+from ._retry import Flow, Retry, RetryCall, arun_flow, require_condition, run_flow
 from ._timeout import Expiry, expired, grain_for, run_in_worker, settle, wheel_for
 
 if TYPE_CHECKING:
@@ -448,6 +448,9 @@ def _layers_of(policy: Policy, kind: Kind) -> list[_Layer]:
             layers.append(_Layer(_gate, value, gates))
             gates += 1
         else:
+            if row.role is Role.RETRY:
+                assert value is not None
+                require_condition(value)
             layers.append(_Layer(_WRITERS[row.role], value))
     if kind.is_stream:
         # A stream's context is set for one step at a time, just inside its fallback.

@@ -7,18 +7,21 @@ threads) through sync timeouts, and never leak from one request to the next.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
+from typing import Any
 
 from . import _clock
 
 __all__ = [
     "CORRELATION_ID_PATTERN",
+    "CorrelationIdFilter",
     "bind_correlation_id",
     "correlation_id",
     "new_correlation_id",
@@ -91,20 +94,77 @@ def bind_correlation_id(value: str | None = None) -> Iterator[str]:
         )
     token = _correlation_id.set(value)
     log_tokens = None
-    # Only an application that uses structlog has imported it; reskit does not. (It
-    # may be half-imported by another thread: then it is not bound to yet.)
-    contextvars = sys.modules.get("structlog.contextvars")
     try:
-        bind = getattr(contextvars, "bind_contextvars", None)
-        if bind is not None:
-            log_tokens = bind(correlation_id=value)
+        log_tokens = _bind_for_logs(value)
         yield value
     finally:
         try:
             if log_tokens is not None:
-                contextvars.reset_contextvars(**log_tokens)  # type: ignore[union-attr]
+                sys.modules["structlog.contextvars"].reset_contextvars(**log_tokens)
         finally:
             _correlation_id.reset(token)
+
+
+def enter_correlation_id(value: str) -> tuple[Token[str | None], dict[str, Any] | None]:
+    """Bind a checked ID until :func:`exit_correlation_id`; what middleware uses per request."""
+    return _correlation_id.set(value), _bind_for_logs(value)
+
+
+def exit_correlation_id(tokens: tuple[Token[str | None], dict[str, Any] | None]) -> None:
+    token, log_tokens = tokens
+    try:
+        if log_tokens is not None:
+            sys.modules["structlog.contextvars"].reset_contextvars(**log_tokens)
+    finally:
+        _correlation_id.reset(token)
+
+
+def adopt_correlation_id(value: str) -> None:
+    """Bind a checked ID in the current context, with nothing to undo.
+
+    For a context made for one request (``contextvars.copy_context()``), which
+    is dropped when the request ends.
+    """
+    _correlation_id.set(value)
+    _bind_for_logs(value)
+
+
+def _bind_for_logs(value: str) -> dict[str, Any] | None:
+    """Bind ``correlation_id`` in structlog's context variables, if structlog is in use."""
+    # Only an application that uses structlog has imported it; reskit does not. (It
+    # may be half-imported by another thread: then it is not bound to yet.)
+    contextvars = sys.modules.get("structlog.contextvars")
+    bind = getattr(contextvars, "bind_contextvars", None)
+    if bind is None:
+        return None
+    tokens: dict[str, Any] = bind(correlation_id=value)
+    return tokens
+
+
+class CorrelationIdFilter(logging.Filter):
+    """A logging filter that puts the current correlation ID on every record.
+
+    Each record that passes gets a ``correlation_id`` attribute (``default``
+    when none is bound), so a format string can show it::
+
+        handler.addFilter(reskit.CorrelationIdFilter())
+        handler.setFormatter(logging.Formatter("%(correlation_id)s %(message)s"))
+
+    Add it to a *handler* to cover every logger that reaches it (uvicorn's
+    access log included: uvicorn logs a request while the app's context is
+    current). It never drops a record.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, default: str = "-") -> None:
+        super().__init__()
+        self.default = default
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Set ``record.correlation_id``; keep the record."""
+        record.correlation_id = _correlation_id.get() or self.default
+        return True
 
 
 def remaining_deadline() -> float | None:

@@ -23,7 +23,14 @@ from tenacity.wait import wait_base
 
 from ._fallback import Fallback
 from ._policy import Policy
-from ._retry import DEFAULT_WAIT_INITIAL, DEFAULT_WAIT_MAX, Retry, RetryBudget, RetryDetails
+from ._retry import (
+    DEFAULT_WAIT_INITIAL,
+    DEFAULT_WAIT_MAX,
+    Retry,
+    RetryBudget,
+    RetryDetails,
+    require_condition,
+)
 
 if TYPE_CHECKING:
     import random as _random
@@ -63,23 +70,21 @@ def retry(
 
     .. versionadded:: 0.1.0
     """
-    return Policy(
-        name,
-        deadline=deadline,
-        retry=Retry(
-            attempts,
-            on,
-            on_result=on_result,
-            wait=wait,
-            wait_initial=wait_initial,
-            wait_max=wait_max,
-            stop=stop,
-            retry=retry,
-            budget=budget,
-            on_retry=on_retry,
-            random=random,
-        ),
+    strategy = Retry(
+        attempts,
+        on,
+        on_result=on_result,
+        wait=wait,
+        wait_initial=wait_initial,
+        wait_max=wait_max,
+        stop=stop,
+        retry=retry,
+        budget=budget,
+        on_retry=on_retry,
+        random=random,
     )
+    require_condition(strategy)  # a decorator always protects a function
+    return Policy(name, deadline=deadline, retry=strategy)
 
 
 def fallback(

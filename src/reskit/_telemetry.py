@@ -296,7 +296,10 @@ if hasattr(os, "register_at_fork"):
 def _global_providers() -> tuple[object, object]:
     """The API's global providers, without importing the API when nobody has."""
     w = watch
-    if w.trace_module is None or w.metrics_module is None:
+    # Only a module someone imported can be adopted: look before taking adopt's lock.
+    if (w.trace_module is None and _TRACE in _modules) or (
+        w.metrics_module is None and _METRICS in _modules
+    ):
         w.adopt()
     trace = w.trace_module or _UNSET
     metrics = w.metrics_module or _UNSET
@@ -347,6 +350,18 @@ def _refresh(tp: Any, mp: Any) -> Sink | None:
     if meter is not None:
         LiveGauge.ensure_all()
     return new
+
+
+def tracer() -> Tracer | None:
+    """The tracer in force, or ``None``; a few attribute reads when there is none."""
+    w = watch
+    if w.trace_resolved:
+        if w.trace._TRACER_PROVIDER is None:
+            return None
+    elif _TRACE not in _modules:
+        return None
+    found = sink()
+    return None if found is None else found.tracer
 
 
 def current_span() -> Span | None:

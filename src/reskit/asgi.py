@@ -1,12 +1,14 @@
-"""ASGI middleware: idempotency keys for HTTP APIs, under any ASGI framework.
+"""ASGI middleware: correlation IDs, load shedding and idempotency keys, under any framework.
 
 Pure ASGI, with no framework's middleware base class (Starlette's breaks
 contextvars and streaming): wrap any ASGI app, Starlette, FastAPI, Django or
 Litestar alike::
 
-    from reskit.asgi import IdempotencyMiddleware
+    from reskit.asgi import CorrelationIdMiddleware, IdempotencyMiddleware, ShedMiddleware
 
     app = IdempotencyMiddleware(app)
+    app = ShedMiddleware(app, routes={"/api": policy})
+    app = CorrelationIdMiddleware(app)  # outermost
 
 .. versionadded:: 0.1.0
 """
@@ -16,18 +18,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from . import _admin, _clock, _edge, _telemetry
 from . import _idempotency_http as _http
-from . import _telemetry
+from ._context import _deadline, enter_correlation_id, exit_correlation_id, new_correlation_id
+from ._errors import Rejected, TimeoutExceeded
+from ._http import Problem
 from ._idempotency import IdempotencyStore, _keeper, _lost_claim, aclaim_shielded, store_for
+from ._timeout import Expiry, expired, grain_for, settle, wheel_for
 
 if TYPE_CHECKING:
+    from ._policy import Policy
     from ._store import Store
 
-__all__ = ["IdempotencyMiddleware"]
+__all__ = [
+    "AdminApp",
+    "CorrelationIdMiddleware",
+    "DeadlineMiddleware",
+    "IdempotencyMiddleware",
+    "ShedMiddleware",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -140,7 +153,7 @@ class IdempotencyMiddleware:
             return
         try:
             key = settings.key(scope["method"], scope["path"], _header(scope, b"idempotency-key"))
-        except _http.Problem as problem:
+        except Problem as problem:
             await _respond(send, *problem.response())
             return
         if key is None:
@@ -149,8 +162,10 @@ class IdempotencyMiddleware:
         try:
             length = _header(scope, b"content-length")
             settings.check_length(length[0] if length else None)
-            body = await _read(receive, settings.max_body)
-        except _http.Problem as problem:
+            body = await _read(
+                receive, settings.max_body, lambda: _http.too_large(settings.max_body)
+            )
+        except Problem as problem:
             await _respond(send, *problem.response())
             return
         if body is None:
@@ -331,8 +346,13 @@ def _recordable(scope: Scope) -> Scope:
     return {**scope, "extensions": kept}
 
 
-async def _read(receive: Receive, limit: int) -> tuple[list[Message], str] | None:
-    """The request body's messages and SHA-256, or ``None`` if the client left first."""
+async def _read(
+    receive: Receive, limit: int, too_large: Callable[[], Problem]
+) -> tuple[list[Message], str] | None:
+    """The request body's messages and SHA-256, or ``None`` if the client left first.
+
+    A body over ``limit`` bytes raises ``too_large()``, at most one chunk past it read.
+    """
     messages: list[Message] = []
     digest = hashlib.sha256()
     size = 0
@@ -343,7 +363,7 @@ async def _read(receive: Receive, limit: int) -> tuple[list[Message], str] | Non
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise _http.too_large(limit)  # at most one chunk past the limit was held
+            raise too_large()
         digest.update(chunk)
         messages.append(message)
         if not message.get("more_body", False):
@@ -354,3 +374,484 @@ async def _respond(send: Send, status: int, headers: list[tuple[str, str]], body
     encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
     await send({"type": "http.response.start", "status": status, "headers": encoded})
     await send({"type": "http.response.body", "body": body})
+
+
+# -- correlation IDs ---------------------------------------------------------------------
+
+
+class CorrelationIdMiddleware:
+    """Give every request a correlation ID, bound for its whole life and echoed on its response.
+
+    The ID comes from the request's ``header`` (``X-Request-ID``) when it was
+    sent once and matches ``[A-Za-z0-9._-]{1,128}``; anything else (CRLF, NUL,
+    markup, 10 KB, a repeated header) is never echoed or logged: a new ID is
+    generated instead, or, with ``reject_invalid=True``, the request is answered
+    400. With ``from_traceparent=True`` a request without a usable ID takes the
+    trace ID of its W3C ``traceparent`` header, so logs and traces share a key.
+
+    While the app runs, the ID is what :func:`reskit.correlation_id` returns,
+    is bound in structlog's context variables as ``correlation_id``, is on the
+    records that pass a :class:`reskit.CorrelationIdFilter` (uvicorn's access
+    log included) and is set as ``reskit.correlation_id`` on the request's
+    server span. Exception handlers, background tasks and threads started
+    with ``contextvars.copy_context()`` see it; the next request on the same
+    connection does not. The header is on every response, and when the app
+    raises before it answered, on the 500 this middleware sends in its place
+    (the exception then goes on up to the server's log).
+
+    When an OpenTelemetry tracer provider is configured, the request has a
+    server span: the OTel ASGI instrumentation's if it is installed (outside
+    this middleware), else one reskit starts, continuing the caller's trace.
+
+    Put it outermost, so everything inside (other middleware, error handlers)
+    runs with the ID bound. Non-HTTP scopes (websocket, lifespan) pass through.
+
+    Args:
+        app: the ASGI app to wrap.
+        header: the request and response header that carries the ID.
+        from_traceparent: take the ID from ``traceparent`` when the header
+            gives none.
+        reject_invalid: answer 400 to a request whose header is present but
+            invalid, instead of replacing it.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        header: str = _edge.DEFAULT_HEADER,
+        from_traceparent: bool = False,
+        reject_invalid: bool = False,
+    ) -> None:
+        self.app = app
+        self.settings = _edge.CorrelationSettings(
+            "CorrelationIdMiddleware()", header, from_traceparent, reject_invalid
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        settings = self.settings
+        name = settings.key
+        values: list[str] = []
+        parents: list[str] = []
+        for key, raw in scope.get("headers", ()):
+            key = bytes(key).lower()
+            if key == name:
+                values.append(bytes(raw).decode("latin-1"))
+            elif key == b"traceparent":
+                parents.append(bytes(raw).decode("latin-1"))
+        try:
+            cid = settings.choose(values, parents)
+        except Problem as problem:
+            code, answer, body = problem.response()
+            answer.append((settings.header, new_correlation_id()))
+            await _respond(send, code, answer, body)
+            return
+        value = cid.encode("ascii")
+        status: int | None = None
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [
+                    pair for pair in message.get("headers", ()) if bytes(pair[0]).lower() != name
+                ]
+                headers.append((name, value))
+                message["headers"] = headers
+            await send(message)
+
+        tokens = enter_correlation_id(cid)
+        error: BaseException | None = None
+        span = _edge.ServerSpan.begin(
+            scope["method"],
+            scope["path"],
+            scope.get("scheme", "http"),
+            (lambda: _text_headers(scope)) if parents else None,
+            {"reskit.correlation_id": cid},
+        )
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            error = exc
+            if status is None:
+                # Nothing answered yet: answer here, where the ID can still be echoed.
+                # The exception goes on to the server, which then drops an HTTP/1
+                # connection: the answer says so, or a client reusing it gets a reset.
+                status = 500
+                answer = [
+                    ("content-type", "text/plain; charset=utf-8"),
+                    ("content-length", "21"),
+                    (settings.header, cid),
+                ]
+                if scope.get("http_version") in ("1.0", "1.1"):
+                    answer.append(("connection", "close"))
+                await _respond(send, 500, answer, b"Internal Server Error")
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            try:
+                if span is not None:
+                    span.end(status, error)
+            finally:
+                exit_correlation_id(tokens)
+
+
+# -- load shedding -----------------------------------------------------------------------
+
+
+class ShedMiddleware:
+    """Apply policies' kill switches, brownout levels and bulkheads to requests, by path.
+
+    ``routes`` maps path prefixes to :class:`~reskit.Policy` objects; a request
+    runs under the policy of the longest prefix it is under (``"/api"`` covers
+    ``/api`` and ``/api/orders``, not ``/apiary``), inside
+    ``async with policy.admit(tenant)``: the policy's kill switch, its brownout
+    ``shed_at`` and its bulkhead (with its adaptive limit, which learns from
+    each request's duration) decide before the app runs. A request the policy
+    refuses is answered without running the app:
+
+    - 503 with ``Retry-After`` when the feature is killed, the brownout level
+      sheds it or the bulkhead is full;
+    - 429 with ``Retry-After`` when ``tenant`` is given and that tenant has
+      all of its own bulkhead slots in use (its quota) while others are served.
+
+    The body is a small ``application/problem+json`` document naming the
+    ``guard`` that refused and the ``policy``; the server span gets
+    ``reskit.outcome="rejected"`` and ``reskit.rejected_by``.
+
+    **Priority.** Give routes a priority through ``shed_at``: raising the
+    brownout level (``reskit brownout 2``) sheds every route whose
+    ``shed_at`` is at or below it and keeps the others, so critical routes
+    (no ``shed_at``, or a high one) keep the capacity the others gave up.
+
+    ``tenant`` is a function of the ASGI scope returning a tenant (an API
+    key's owner, an account) or ``None``; it partitions each bulkhead (one
+    share of slots per tenant) and selects the tenant's own brownout level.
+
+    The app's response is passed through as it is made (streaming is never
+    buffered); the bulkhead slot is held until the response has ended. Paths
+    under no prefix and non-HTTP scopes (websocket, lifespan) pass through.
+
+    Args:
+        app: the ASGI app to protect.
+        routes: path prefix to policy; each policy needs a ``kill_switch``,
+            ``shed_at`` or ``bulkhead``.
+        tenant: a function of the scope returning the request's tenant.
+        retry_after: the ``Retry-After`` seconds sent when the guard does not
+            know better (a killed feature, a brownout).
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Mapping[str, Policy],
+        *,
+        tenant: Callable[[Scope], str | None] | None = None,
+        retry_after: int = _edge.DEFAULT_RETRY_AFTER,
+    ) -> None:
+        self.app = app
+        self.routes = _edge.Routes("ShedMiddleware()", routes)
+        if tenant is not None and not callable(tenant):
+            raise TypeError("ShedMiddleware() tenant= must be a function of the ASGI scope")
+        self.tenant = tenant
+        self.retry_after = _edge.check_retry_after("ShedMiddleware()", retry_after)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        policy = self.routes.match(_route_path(scope))
+        if policy is None:
+            await self.app(scope, receive, send)
+            return
+        key = None if self.tenant is None else _edge.check_tenant(self.tenant(scope))
+        span = _edge.ServerSpan.begin(
+            scope["method"],
+            scope["path"],
+            scope.get("scheme", "http"),
+            lambda: _text_headers(scope),
+        )
+        admission = policy.admit(key)
+        try:
+            await admission.__aenter__()
+        except Rejected as exc:
+            problem = _edge.rejection(exc, self.retry_after)
+            if span is not None:
+                span.set(_edge.rejected_attributes(exc, problem.status))
+            try:
+                await _respond(send, *problem.response())
+            finally:
+                if span is not None:
+                    span.end(problem.status, None)
+            return
+        status: int | None = None
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send if span is None else watch)
+        except BaseException as exc:
+            try:
+                await admission.__aexit__(type(exc), exc, exc.__traceback__)
+            finally:
+                if span is not None:
+                    span.end(status, exc)
+            raise
+        try:
+            await admission.__aexit__(None, None, None)
+        finally:
+            if span is not None:
+                span.end(status, None)
+
+
+def _text_headers(scope: Scope) -> dict[str, str]:
+    """The request's headers as a dict of text, for the OTel propagator."""
+    return {
+        bytes(key).decode("latin-1").lower(): bytes(value).decode("latin-1")
+        for key, value in scope.get("headers", ())
+    }
+
+
+# -- deadlines ---------------------------------------------------------------------------
+
+
+class DeadlineMiddleware:
+    """Give each request the deadline its caller sent, and stop its work when that runs out.
+
+    A caller sends what is left of its own budget in ``X-Request-Timeout-Ms``
+    (whole milliseconds, relative, so the two machines' clocks need not
+    agree; reskit's httpx transports send it on every request). The request
+    gets that budget, capped by ``maximum``; without a usable header it gets
+    ``default``, or no deadline. Inside the request the deadline is reskit's
+    own: policies' timeouts shrink to what is left, retries stop when an
+    attempt cannot fit, :func:`reskit.remaining_deadline` reports it and
+    reskit's transports send the rest on to the next service.
+
+    - A budget already spent on arrival (``0``) is answered 504 without
+      running the app.
+    - When the budget runs out before the app started its response, the
+      app's task is cancelled (its ``finally`` blocks run; a sync handler in a
+      thread pool is waited for, since a thread cannot be stopped) and the
+      client gets 504 (problem type ``deadline-exceeded``).
+    - When it runs out while the response streams, the app is cancelled and
+      the response is cut short; the server closes the connection.
+
+    Hostile values (negative, fractions, text, more than ten digits, the
+    header sent twice) are ignored, never trusted beyond ``maximum``. The
+    server span records ``reskit.deadline.received_ms`` (what the caller
+    sent), ``reskit.deadline.budget_ms`` (what the request got) and
+    ``reskit.deadline.exceeded``. Non-HTTP scopes pass through.
+
+    Args:
+        app: the ASGI app to wrap.
+        default: seconds (or a ``timedelta``) a request without a usable
+            header gets; ``None`` for no deadline.
+        maximum: the most seconds a caller can ask for; ``None`` for no cap.
+        header: the header the budget arrives in, in whole milliseconds
+            (``x-envoy-expected-rq-timeout-ms`` reads Envoy's).
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        default: float | timedelta | None = None,
+        maximum: float | timedelta | None = None,
+        header: str = _edge.DEADLINE_HEADER,
+    ) -> None:
+        self.app = app
+        self.settings = _edge.DeadlineSettings("DeadlineMiddleware()", header, default, maximum)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        settings = self.settings
+        budget, received = settings.budget(
+            _edge.header_values(scope.get("headers", ()), settings.key)
+        )
+        if budget is None:
+            await self.app(scope, receive, send)
+            return
+        now = _clock.now()
+        when = now + budget
+        outer = _deadline.get()
+        if outer is not None and outer < when:
+            when = outer
+        attributes: dict[str, Any] = {"reskit.deadline.budget_ms": round((when - now) * 1000)}
+        if received is not None:
+            attributes["reskit.deadline.received_ms"] = round(received * 1000)
+        span = _edge.ServerSpan.begin(
+            scope["method"],
+            scope["path"],
+            scope.get("scheme", "http"),
+            lambda: _text_headers(scope),
+            attributes,
+        )
+        status: int | None = None
+        error: BaseException | None = None
+        exceeded = when <= now
+        try:
+            if exceeded:
+                status = 504
+                await _respond(send, *_edge.deadline_spent(settings.header).response())
+                return
+            task = asyncio.current_task()
+            assert task is not None
+            expiry = Expiry(task)
+            bucket = wheel_for(task.get_loop()).arm(expiry, when, grain_for(when - now))
+            token = _deadline.set(when)
+            late = False
+
+            async def watch(message: Message) -> None:
+                nonlocal status, late
+                kind = message["type"]
+                if kind == "http.response.start":
+                    if expiry.fired:
+                        # The budget ran out first (an app that caught its cancellation):
+                        # the caller gets the 504, not an answer it no longer waits for.
+                        late = True
+                        return
+                    status = message["status"]
+                elif late:
+                    return
+                elif kind == "http.response.body" and not message.get("more_body", False):
+                    # Answered in time. What the app does next (background tasks) is
+                    # not the caller's to wait for: no deadline bounds it.
+                    bucket.discard(expiry)
+                    _deadline.set(None)
+                await send(message)
+
+            try:
+                await self.app(scope, receive, watch)
+            except asyncio.CancelledError:
+                if not expired(expiry):
+                    raise
+                exceeded = True
+            except TimeoutExceeded as exc:
+                if expiry.fired:
+                    await settle(expiry)
+                # A deadline error the app let out, once the request's budget is spent,
+                # is the request's own: answered like any other run-out budget.
+                if exc.kind != "deadline" or status is not None or _clock.now() < when:
+                    error = exc
+                    raise
+                exceeded = True
+            except BaseException as exc:
+                error = exc
+                if expiry.fired:
+                    await settle(expiry)
+                raise
+            finally:
+                bucket.discard(expiry)
+                _deadline.reset(token)
+            if expiry.fired and not exceeded:
+                await settle(expiry)
+                exceeded = True  # the app caught its cancellation and went on
+            if exceeded and status is None:
+                status = 504
+                await _respond(send, *_edge.deadline_spent(settings.header).response())
+            # Past the start of the response, a timed-out app's response is cut short
+            # where it stopped: the server closes the connection.
+        finally:
+            if span is not None:
+                span.set({"reskit.deadline.exceeded": exceeded})
+                span.end(status, error)
+
+
+# -- the admin endpoint ------------------------------------------------------------------
+
+
+class AdminApp:
+    """An HTTP endpoint for operators: list switches, kill and revive them, set brownout.
+
+    Mount it under a path of its own, for the people and tools that run the
+    service (a runbook's ``curl``, a chat-ops bot), behind the same network
+    rules as any admin surface::
+
+        from starlette.routing import Mount
+
+        admin = AdminApp(tokens={os.environ["RESKIT_ADMIN_TOKEN"]: "oncall-bot"})
+        app = Starlette(routes=[..., Mount("/_reskit", app=admin)])
+
+    Routes (relative to where it is mounted; bodies and answers are JSON):
+
+    - ``GET /switches``: every known switch (``reskit switches --json``);
+    - ``POST /switches/{name}/kill`` with ``{"reason": ..., "ttl": seconds}``
+      (``ttl`` optional) and ``POST /switches/{name}/revive`` with
+      ``{"reason": ...}``;
+    - ``GET /brownout[?tenant=T]``: the level in force;
+    - ``PUT /brownout`` with ``{"level": N, "reason": ..., "tenant": T}``
+      (``tenant`` optional; ``level`` ``null`` clears a tenant's own level).
+
+    Every request needs ``Authorization: Bearer <token>``: none (or a
+    malformed one) is 401 with ``WWW-Authenticate``, an unknown token 403;
+    either way nothing changes. Tokens are compared in constant time. Each
+    change runs through :func:`reskit.akill`, :func:`reskit.arevive` or
+    :func:`reskit.aset_brownout_level`, so it is audited with the token's
+    actor and the given reason, and reaches every process sharing the store.
+    A change answers ``{"audit": <the audit entry>}``. Errors are
+    ``application/problem+json``: 400 for a body that says what to change
+    badly (the detail says what), 503 when the store cannot be reached.
+
+    Args:
+        tokens: bearer token → the name recorded as the actor of its changes.
+            Tokens must be at least 16 characters; give each holder its own.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, *, tokens: Mapping[str, str]) -> None:
+        self.core = _admin.AdminCore("AdminApp()", tokens)
+        self.functions = _admin.functions(asynchronous=True)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection."""
+        if scope["type"] != "http":
+            return  # lifespan and websockets: nothing to do here
+        try:
+            actor = self.core.actor(_edge.header_values(scope.get("headers", ()), b"authorization"))
+            read = await _read(receive, _admin.MAX_BODY, _admin.too_large)
+            if read is None:
+                return  # the client left
+            body = b"".join(message.get("body", b"") for message in read[0])
+            query = bytes(scope.get("query_string", b"")).decode("latin-1")
+            operation = self.core.route(scope["method"], _route_path(scope), query, body)
+            function = self.functions[operation.action]
+            try:
+                if operation.changes:
+                    result = await _admin.call(function, operation, actor)
+                else:
+                    result = await asyncio.to_thread(_admin.call, function, operation, actor)
+            except Exception as exc:
+                raise _admin.failed(exc) from None
+        except Problem as problem:
+            status, headers, answer = problem.response()
+            if status == 401:
+                headers.append(("www-authenticate", 'Bearer realm="reskit"'))
+            await _respond(send, status, headers, answer)
+            return
+        await _respond(send, *_admin.answer(operation, result))
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the app routes: below ``root_path`` (ASGI's ``path`` includes it)."""
+    return _edge.route_path(scope["path"], scope.get("root_path", ""))

@@ -1,26 +1,32 @@
-"""WSGI middleware: idempotency keys for HTTP APIs, under any WSGI framework.
+"""WSGI middleware: correlation IDs, load shedding and idempotency keys, under any framework.
 
 Wrap any WSGI app (Flask, Django, Pyramid, Falcon)::
 
-    from reskit.wsgi import IdempotencyMiddleware
+    from reskit.wsgi import CorrelationIdMiddleware, IdempotencyMiddleware, ShedMiddleware
 
-    app.wsgi_app = IdempotencyMiddleware(app.wsgi_app)  # Flask
+    app.wsgi_app = CorrelationIdMiddleware(  # Flask; outermost
+        ShedMiddleware(IdempotencyMiddleware(app.wsgi_app), routes={"/api": policy})
+    )
 
 .. versionadded:: 0.1.0
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import io
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from . import _admin, _clock, _edge, _telemetry
 from . import _idempotency_http as _http
-from . import _telemetry
+from ._context import _deadline, adopt_correlation_id, new_correlation_id
+from ._errors import Rejected
+from ._http import Problem, status_line
 from ._idempotency import IdempotencyStore, _keeper, _lost_claim, store_for
 
 if TYPE_CHECKING:
@@ -28,9 +34,16 @@ if TYPE_CHECKING:
 
     from _typeshed import OptExcInfo
 
+    from ._policy import Admission, Policy
     from ._store import Store
 
-__all__ = ["IdempotencyMiddleware"]
+__all__ = [
+    "AdminApp",
+    "CorrelationIdMiddleware",
+    "DeadlineMiddleware",
+    "IdempotencyMiddleware",
+    "ShedMiddleware",
+]
 
 
 class IdempotencyMiddleware:
@@ -128,14 +141,14 @@ class IdempotencyMiddleware:
         raw = environ.get("HTTP_IDEMPOTENCY_KEY")
         try:
             key = settings.key(method, _path(environ), [] if raw is None else [raw])
-        except _http.Problem as problem:
+        except Problem as problem:
             return _respond(start_response, *problem.response())
         if key is None:
             return self.app(environ, start_response)
         try:
             settings.check_length(environ.get("CONTENT_LENGTH"))
             body, body_hash = _read(environ, settings.max_body)
-        except _http.Problem as problem:
+        except Problem as problem:
             return _respond(start_response, *problem.response())
         # The app reads the body the middleware already read, as if from the client.
         environ["wsgi.input"] = io.BytesIO(body)
@@ -273,7 +286,7 @@ class _Exchange:
             )
         status, headers, body = problem.response()
         # With exc_info, start_response may replace headers the app set but that were not sent.
-        self.upstream_start(_http.status_line(status), headers, exc_info)
+        self.upstream_start(status_line(status), headers, exc_info)
         return body
 
 
@@ -381,7 +394,7 @@ def _read(environ: WSGIEnvironment, limit: int) -> tuple[bytes, str]:
         if not chunk:
             if length is None:
                 break
-            raise _http.Problem(
+            raise Problem(
                 400,
                 "body-incomplete",
                 "Request body incomplete",
@@ -398,5 +411,470 @@ def _read(environ: WSGIEnvironment, limit: int) -> tuple[bytes, str]:
 def _respond(
     start_response: StartResponse, status: int, headers: list[tuple[str, str]], body: bytes
 ) -> list[bytes]:
-    start_response(_http.status_line(status), headers)
+    start_response(status_line(status), headers)
     return [body]
+
+
+# -- correlation IDs ---------------------------------------------------------------------
+
+
+class CorrelationIdMiddleware:
+    """Give every request a correlation ID, bound for its whole life and echoed on its response.
+
+    The WSGI twin of :class:`reskit.asgi.CorrelationIdMiddleware`, with the
+    same arguments and rules. Each request runs in a copy of the server
+    thread's context (the app call and every step of its response iterable),
+    so the ID cannot outlive the request even under a server that reuses
+    threads. When the app raises before it started its response, the
+    traceback goes to ``wsgi.errors`` (as the server would have written it)
+    and the client gets a 500 that carries the ID.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        header: str = _edge.DEFAULT_HEADER,
+        from_traceparent: bool = False,
+        reject_invalid: bool = False,
+    ) -> None:
+        self.app = app
+        self.settings = _edge.CorrelationSettings(
+            "CorrelationIdMiddleware()", header, from_traceparent, reject_invalid
+        )
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Handle one request."""
+        settings = self.settings
+        raw = environ.get(settings.wsgi_key)
+        try:
+            cid = settings.choose(
+                [] if raw is None else [raw], _environ_values(environ, "HTTP_TRACEPARENT")
+            )
+        except Problem as problem:
+            status, headers, body = problem.response()
+            headers.append((settings.header, new_correlation_id()))
+            return _respond(start_response, status, headers, body)
+        context = contextvars.copy_context()
+        return context.run(self._run, context, cid, environ, start_response)
+
+    def _run(
+        self,
+        context: contextvars.Context,
+        cid: str,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+    ) -> Iterable[bytes]:
+        # Bound in a context of the request's own, so nothing needs undoing.
+        adopt_correlation_id(cid)
+        header = self.settings.header
+        lower = header.lower()
+        span = _edge.ServerSpan.begin(
+            environ.get("REQUEST_METHOD", "GET"),
+            environ.get("PATH_INFO", ""),
+            environ.get("wsgi.url_scheme", "http"),
+            (lambda: _text_headers(environ)) if "HTTP_TRACEPARENT" in environ else None,
+            {"reskit.correlation_id": cid},
+        )
+        exchange = _Watched(span)
+
+        def start_with_id(
+            status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+        ) -> Callable[[bytes], object]:
+            exchange.status = _status_code(status)
+            kept = [(name, value) for name, value in headers if name.lower() != lower]
+            kept.append((header, cid))
+            return start_response(status, kept, exc_info)
+
+        def fail(exc: Exception) -> bytes:
+            """Answer 500 with the ID for an app that raised before its first byte went out."""
+            errors = environ.get("wsgi.errors")
+            if errors is not None:
+                _telemetry.guard(
+                    "writing to wsgi.errors", traceback.print_exception, exc, file=errors
+                )
+            exchange.finish(exc, status=500)
+            body = b"Internal Server Error"
+            # With exc_info, start_response may replace headers the app set but not sent.
+            start_response(
+                "500 Internal Server Error",
+                [
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                    ("Content-Length", str(len(body))),
+                    (header, cid),
+                ],
+                sys.exc_info(),  # called while the exception is handled
+            )
+            return body
+
+        try:
+            result = self.app(environ, start_with_id)
+        except Exception as exc:
+            return [fail(exc)]
+        except BaseException as exc:
+            exchange.finish(exc)
+            raise
+        return _InContext(context, result, exchange, fail)
+
+
+class _Watched:
+    """A request's response status and its server span, ended once."""
+
+    __slots__ = ("deadline", "ended", "span", "status")
+
+    def __init__(self, span: _edge.ServerSpan | None, deadline: float | None = None) -> None:
+        self.span = span
+        self.deadline = deadline
+        self.status: int | None = None
+        self.ended = False
+
+    def watching(self, start_response: StartResponse) -> StartResponse:
+        """``start_response``, noting the status for the span."""
+
+        def watched(
+            status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+        ) -> Callable[[bytes], object]:
+            self.status = _status_code(status)
+            return start_response(status, headers, exc_info)
+
+        return watched
+
+    def finish(self, exc: BaseException | None, status: int | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        span = self.span
+        if span is None:
+            return
+        if self.deadline is not None:
+            span.set({"reskit.deadline.exceeded": _clock.now() >= self.deadline})
+        span.end(status if status is not None else self.status, exc)
+
+
+class _InContext:
+    """The app's response iterable, each step (and the end of its span) in the request's context.
+
+    With ``fail`` given, a response that raises before its first chunk is
+    answered by ``fail`` (a 500 the middleware can still shape) instead of
+    the server's own error page.
+    """
+
+    __slots__ = ("context", "exchange", "fail", "iterator", "result", "started")
+
+    def __init__(
+        self,
+        context: contextvars.Context,
+        result: Iterable[bytes],
+        exchange: _Watched,
+        fail: Callable[[Exception], bytes] | None = None,
+    ) -> None:
+        self.context = context
+        self.result = result
+        self.exchange = exchange
+        self.fail = fail
+        self.iterator: Iterator[bytes] | None = None
+        self.started = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            if self.iterator is None:
+                self.iterator = self.context.run(iter, self.result)
+            chunk = self.context.run(next, self.iterator)
+        except StopIteration:
+            raise
+        except Exception as exc:
+            if self.fail is not None and not self.started:
+                self.started = True
+                return self.context.run(self.fail, exc)
+            self.context.run(self.exchange.finish, exc)
+            raise
+        except BaseException as exc:
+            self.context.run(self.exchange.finish, exc)
+            raise
+        self.started = True
+        return chunk
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                self.context.run(close)
+        finally:
+            self.context.run(self.exchange.finish, None)
+
+
+# -- load shedding -----------------------------------------------------------------------
+
+
+class ShedMiddleware:
+    """Apply policies' kill switches, brownout levels and bulkheads to requests, by path.
+
+    The WSGI twin of :class:`reskit.asgi.ShedMiddleware`, with the same
+    arguments and answers; ``tenant`` is a function of the WSGI environ and
+    paths are matched against ``PATH_INFO`` (the path the app sees). A queued
+    request (a bulkhead with ``max_waiting``) waits in its server thread. The
+    bulkhead slot is held until the server closes the response iterable, so a
+    streamed response counts for as long as it streams.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        routes: Mapping[str, Policy],
+        *,
+        tenant: Callable[[WSGIEnvironment], str | None] | None = None,
+        retry_after: int = _edge.DEFAULT_RETRY_AFTER,
+    ) -> None:
+        self.app = app
+        self.routes = _edge.Routes("ShedMiddleware()", routes, wsgi=True)
+        if tenant is not None and not callable(tenant):
+            raise TypeError("ShedMiddleware() tenant= must be a function of the WSGI environ")
+        self.tenant = tenant
+        self.retry_after = _edge.check_retry_after("ShedMiddleware()", retry_after)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Handle one request."""
+        path = environ.get("PATH_INFO", "")
+        policy = self.routes.match(path)
+        if policy is None:
+            return self.app(environ, start_response)
+        key = None if self.tenant is None else _edge.check_tenant(self.tenant(environ))
+        span = _edge.ServerSpan.begin(
+            environ.get("REQUEST_METHOD", "GET"),
+            path,
+            environ.get("wsgi.url_scheme", "http"),
+            lambda: _text_headers(environ),
+        )
+        exchange = _Watched(span)
+        admission = policy.admit(key)
+        try:
+            admission.__enter__()
+        except Rejected as exc:
+            problem = _edge.rejection(exc, self.retry_after)
+            if span is not None:
+                span.set(_edge.rejected_attributes(exc, problem.status))
+            exchange.finish(None, status=problem.status)
+            return _respond(start_response, *problem.response())
+        if span is not None:
+            start_response = exchange.watching(start_response)
+
+        try:
+            result = self.app(environ, start_response)
+        except BaseException as exc:
+            try:
+                admission.__exit__(type(exc), exc, exc.__traceback__)
+            finally:
+                exchange.finish(exc)
+            raise
+        return _Admitted(result, admission, exchange)
+
+
+class _Admitted:
+    """The app's response iterable; the admission ends when the server closes it."""
+
+    __slots__ = ("admission", "exchange", "iterator", "result")
+
+    def __init__(self, result: Iterable[bytes], admission: Admission, exchange: _Watched) -> None:
+        self.result = result
+        self.admission: Admission | None = admission
+        self.exchange = exchange
+        self.iterator: Iterator[bytes] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            if self.iterator is None:
+                self.iterator = iter(self.result)
+            return next(self.iterator)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self._end(exc)
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._end(None)
+
+    def _end(self, exc: BaseException | None) -> None:
+        admission, self.admission = self.admission, None
+        if admission is None:
+            return
+        try:
+            admission.__exit__(None if exc is None else type(exc), exc, None)
+        finally:
+            self.exchange.finish(exc)
+
+
+def _status_code(status: str) -> int | None:
+    try:
+        return int(status[:3])
+    except ValueError:
+        return None
+
+
+def _environ_values(environ: WSGIEnvironment, key: str) -> list[str]:
+    value = environ.get(key)
+    return [] if value is None else [value]
+
+
+def _text_headers(environ: WSGIEnvironment) -> dict[str, str]:
+    """The request's headers as a dict of text, for the OTel propagator."""
+    return {
+        key[5:].replace("_", "-").lower(): value
+        for key, value in environ.items()
+        if key.startswith("HTTP_") and isinstance(value, str)
+    }
+
+
+# -- deadlines ---------------------------------------------------------------------------
+
+
+class DeadlineMiddleware:
+    """Give each request the deadline its caller sent; cooperative, as WSGI must be.
+
+    The WSGI twin of :class:`reskit.asgi.DeadlineMiddleware`, with the same
+    arguments and header rules. A budget already spent on arrival is
+    answered 504 without running the app. Otherwise the request runs with
+    reskit's deadline set (in a context of its own, for the app call and
+    every step of its response iterable): policies inside shrink their
+    timeouts to it, retries stop when an attempt cannot fit,
+    :func:`reskit.remaining_deadline` reports it and reskit's transports send
+    it on. A thread cannot be interrupted, so code that does not look at the
+    deadline runs to its end; the server span records whether it ran out.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        default: float | timedelta | None = None,
+        maximum: float | timedelta | None = None,
+        header: str = _edge.DEADLINE_HEADER,
+    ) -> None:
+        self.app = app
+        self.settings = _edge.DeadlineSettings("DeadlineMiddleware()", header, default, maximum)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Handle one request."""
+        settings = self.settings
+        budget, received = settings.budget(_environ_values(environ, settings.wsgi_key))
+        if budget is None:
+            return self.app(environ, start_response)
+        # The span, the deadline and the app all live in a context of the request's own:
+        # a span begun in the server thread's context would outlive the request there.
+        context = contextvars.copy_context()
+        return context.run(self._run, context, budget, received, environ, start_response)
+
+    def _run(
+        self,
+        context: contextvars.Context,
+        budget: float,
+        received: float | None,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+    ) -> Iterable[bytes]:
+        now = _clock.now()
+        when = now + budget
+        outer = _deadline.get()
+        if outer is not None and outer < when:
+            when = outer
+        attributes: dict[str, Any] = {"reskit.deadline.budget_ms": round((when - now) * 1000)}
+        if received is not None:
+            attributes["reskit.deadline.received_ms"] = round(received * 1000)
+        span = _edge.ServerSpan.begin(
+            environ.get("REQUEST_METHOD", "GET"),
+            environ.get("PATH_INFO", ""),
+            environ.get("wsgi.url_scheme", "http"),
+            lambda: _text_headers(environ),
+            attributes,
+        )
+        exchange = _Watched(span, when)
+        if when <= now:
+            exchange.finish(None, status=504)
+            spent = _edge.deadline_spent(self.settings.header)
+            return _respond(start_response, *spent.response())
+        _deadline.set(when)
+        if span is not None:
+            start_response = exchange.watching(start_response)
+        try:
+            result = self.app(environ, start_response)
+        except BaseException as exc:
+            exchange.finish(exc)
+            raise
+        return _InContext(context, result, exchange)
+
+
+# -- the admin endpoint ------------------------------------------------------------------
+
+
+class AdminApp:
+    """An HTTP endpoint for operators: list switches, kill and revive them, set brownout.
+
+    The WSGI twin of :class:`reskit.asgi.AdminApp`, with the same routes,
+    tokens and answers. Mount it with your framework's dispatcher (Werkzeug's
+    ``DispatcherMiddleware``, a Django URL that hands the environ on); paths
+    are read from ``PATH_INFO``, below the ``SCRIPT_NAME`` it is mounted at.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, *, tokens: Mapping[str, str]) -> None:
+        self.core = _admin.AdminCore("AdminApp()", tokens)
+        self.functions = _admin.functions(asynchronous=False)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Handle one request."""
+        try:
+            actor = self.core.actor(_environ_values(environ, "HTTP_AUTHORIZATION"))
+            body = _admin_body(environ)
+            operation = self.core.route(
+                environ.get("REQUEST_METHOD", "GET"),
+                # PEP 3333 hands the path over as latin-1 text of the URL's bytes.
+                environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace"),
+                environ.get("QUERY_STRING", ""),
+                body,
+            )
+            try:
+                result = _admin.call(self.functions[operation.action], operation, actor)
+            except Exception as exc:
+                raise _admin.failed(exc) from None
+        except Problem as problem:
+            status, headers, answer = problem.response()
+            if status == 401:
+                headers.append(("WWW-Authenticate", 'Bearer realm="reskit"'))
+            return _respond(start_response, status, headers, answer)
+        return _respond(start_response, *_admin.answer(operation, result))
+
+
+def _admin_body(environ: WSGIEnvironment) -> bytes:
+    """The request body, refused past the admin endpoint's limit."""
+    declared = environ.get("CONTENT_LENGTH") or "0"
+    try:
+        length = int(declared)
+    except ValueError:
+        length = -1
+    if length < 0:
+        raise _admin.invalid("Content-Length must be a whole number of bytes.")
+    if length > _admin.MAX_BODY:
+        raise _admin.too_large()
+    stream = environ.get("wsgi.input")
+    if not length or stream is None:
+        return b""
+    body: bytes = stream.read(length)
+    return body

@@ -633,6 +633,108 @@ def _checkout(seed: int, calls: int, concurrency: int) -> Scene:
     )
 
 
+class _Regions:
+    """Two regions of one HTTP API behind an httpx transport: ``eu`` flaky, ``us`` healthy.
+
+    Each request is answered by an in-process ``MockTransport`` (no sockets): the
+    ``eu`` answers are drawn from the scene's :class:`Dependency` (an error is a
+    ``503`` with ``Retry-After: 0``, a hang a slow answer); ``us`` always answers.
+    The caller goes through :class:`reskit.httpx.AsyncTransport`: retries, failover
+    to ``us``, outlier ejection and hedging. httpx (or httpx2) is imported only
+    when the scene is asked for (``reskit demo --http``).
+    """
+
+    def __init__(self, name: str, dependency: Dependency, seed: int) -> None:
+        import reskit.httpx as rhttpx
+
+        try:
+            import httpx2 as lib
+        except ImportError:
+            import httpx as lib  # type: ignore[no-redef]
+
+        self.lib: Any = lib
+        self.dependency = dependency
+        self.served: Counter[str] = Counter()
+        self._attempts: Counter[int] = Counter()
+        self.transport = rhttpx.AsyncTransport(
+            Policy(
+                name,
+                deadline=0.3,
+                retry=Retry(
+                    attempts=3,
+                    on=OSError,
+                    wait_initial=0.005,
+                    wait_max=0.02,
+                    random=_jitter(seed, name),
+                ),
+                breaker=reskit.CircuitBreaker(failure_rate=0.5, window=20, minimum_calls=10),
+            ),
+            lib.MockTransport(self._answer),
+            failover=rhttpx.Failover(
+                endpoints=["https://eu.api.demo", "https://us.api.demo"],
+                consecutive_failures=5,
+                ejection_time=0.5,
+            ),
+            hedging=rhttpx.Hedging(initial_delay=0.05, budget=RetryBudget(0.1)),
+        )
+        self.client = lib.AsyncClient(transport=self.transport, base_url="https://eu.api.demo")
+
+    async def _answer(self, request: Any) -> Any:
+        region = request.url.host.split(".")[0]
+        self.served[region] += 1
+        lib = self.lib
+        if region != "eu":
+            await asyncio.sleep(self.dependency.profile.median)
+            return lib.Response(200, json={"region": region})
+        index = int(request.headers["x-demo-call"])
+        self._attempts[index] += 1
+        kind, seconds = self.dependency.draw(index, self._attempts[index])
+        await asyncio.sleep(seconds)
+        if kind == "error":
+            return lib.Response(503, headers={"Retry-After": "0"})
+        return lib.Response(200, json={"region": region})
+
+    async def __call__(self, call: Call) -> object:
+        response = await self.client.get("/items", headers={"X-Demo-Call": str(call.index)})
+        response.raise_for_status()
+        return response.json()["region"]
+
+    def notes(self) -> str:
+        return (
+            f"the eu region answered {self.served['eu']} requests and us "
+            f"{self.served['us']}: retries and hedges fail over, a failing eu is ejected"
+        )
+
+
+def _outbound_http(seed: int, calls: int, concurrency: int) -> Scene:
+    name = "outbound-http"
+    profile = Profile(
+        median=0.01,
+        ceiling=0.03,
+        error_rate=0.15,
+        spike_rate=0.05,
+        spike=(0.1, 0.2),
+        outage=(0.6, 0.75),
+    )
+    dependency = Dependency(name, profile, seed=seed, calls=calls)
+    regions = _Regions(name, dependency, seed)
+    return Scene(
+        name=name,
+        driver="async",
+        policy_text=(
+            "httpx transport: deadline 300 ms, retry x3 honouring Retry-After, a breaker per "
+            "region, failover eu -> us with outlier ejection, hedging at p90 (10% budget)"
+        ),
+        dependency_text="eu: 15% 503s, 5% slow answers, down for calls 60-75%; us healthy",
+        policy=Policy(f"{name} caller"),
+        dependency=dependency,
+        calls=calls,
+        arrivals=_arrivals(seed, name, calls),
+        target=regions,
+        notes=regions.notes,
+    )
+
+
 _SCENES: tuple[Callable[[int, int, int], Scene], ...] = (
     _payments,
     _inventory,
@@ -644,16 +746,18 @@ _SCENES: tuple[Callable[[int, int, int], Scene], ...] = (
 )
 
 
-def build_scenes(calls: int, seed: int, concurrency: int) -> list[Scene]:
+def build_scenes(calls: int, seed: int, concurrency: int, *, http: bool = False) -> list[Scene]:
     """The scenes of a run, sharing ``calls`` between them as evenly as possible.
 
-    A scene that would get no call is left out.
+    A scene that would get no call is left out. ``http`` adds the outbound HTTP
+    scene (it needs httpx or httpx2).
 
     .. versionadded:: 0.1.0
     """
-    share, extra = divmod(calls, len(_SCENES))
+    builders = (*_SCENES, _outbound_http) if http else _SCENES
+    share, extra = divmod(calls, len(builders))
     scenes: list[Scene] = []
-    for i, builder in enumerate(_SCENES):
+    for i, builder in enumerate(builders):
         n = share + (1 if i < extra else 0)
         if n:
             scenes.append(builder(seed, n, concurrency))
@@ -1068,10 +1172,12 @@ def run_demo(
     concurrency: int = DEFAULT_CONCURRENCY,
     quiet: bool = False,
     out: TextIO | None = None,
+    http: bool = False,
 ) -> int:
     """Run ``reskit demo`` and print its report; returns the exit status.
 
-    With ``quiet`` only the final table is printed.
+    With ``quiet`` only the final table is printed; ``http`` adds the outbound
+    HTTP scene (``reskit.httpx`` in front of two simulated regions).
 
     .. versionadded:: 0.1.0
     """
@@ -1084,15 +1190,21 @@ def run_demo(
     store = MemoryStore()
     previous = reskit.configure(store)
     try:
-        return _run_demo(calls, seed, concurrency, quiet, stream, store)
+        return _run_demo(calls, seed, concurrency, quiet, stream, store, http)
     finally:
         reskit.configure(previous)
 
 
 def _run_demo(
-    calls: int, seed: int, concurrency: int, quiet: bool, stream: TextIO, store: Store
+    calls: int,
+    seed: int,
+    concurrency: int,
+    quiet: bool,
+    stream: TextIO,
+    store: Store,
+    http: bool = False,
 ) -> int:
-    scenes = build_scenes(calls, seed, concurrency)
+    scenes = build_scenes(calls, seed, concurrency, http=http)
     if not quiet:
         intro = (
             f"reskit demo: {_count(calls, 'call')} to "

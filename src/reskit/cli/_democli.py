@@ -38,7 +38,12 @@ __all__ = ["demo_command"]
     help=f"Concurrent callers per dependency (default {DEFAULT_CONCURRENCY}).",
 )
 @click.option("--quiet", is_flag=True, help="Print only the final table.")
-def demo_command(calls: int, seed: int, concurrency: int, quiet: bool) -> int:
+@click.option(
+    "--http",
+    is_flag=True,
+    help="Add the outbound HTTP scene: reskit's httpx transport (needs httpx or httpx2).",
+)
+def demo_command(calls: int, seed: int, concurrency: int, quiet: bool, http: bool) -> int:
     """Run reskit's policies against flaky dependencies.
 
     Call simulated flaky dependencies a few thousand times through reskit
@@ -47,4 +52,4 @@ def demo_command(calls: int, seed: int, concurrency: int, quiet: bool) -> int:
     and latency percentiles per policy. Everything runs in this process, in
     memory.
     """
-    return run_demo(calls=calls, seed=seed, concurrency=concurrency, quiet=quiet)
+    return run_demo(calls=calls, seed=seed, concurrency=concurrency, quiet=quiet, http=http)

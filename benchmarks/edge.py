@@ -1,0 +1,260 @@
+"""What the edge middleware costs a service in requests per second, against the bare app.
+
+Three uvicorn processes serve the same Starlette app (a JSON endpoint that does
+a little work, as the smallest real handler would):
+
+- **bare**: the app alone, no tracing;
+- **stack**: the same app behind ``CorrelationIdMiddleware`` (outermost) and
+  ``ShedMiddleware`` (a policy with a kill switch, a brownout ``shed_at`` and a
+  bulkhead with an adaptive limit), with an OpenTelemetry SDK tracer provider
+  configured, so every request also makes its server span (batched to an
+  exporter that drops them: the cost in the service, not the network's);
+- **deadline**: the app behind ``DeadlineMiddleware`` alone (every request
+  carries ``X-Request-Timeout-Ms``, so each gets a deadline on reskit's timer
+  wheel), no tracing.
+
+A load generator in this process keeps ``--connections`` keep-alive
+connections busy (raw HTTP/1.1 over asyncio streams: it costs a few
+microseconds a request, so the server, not the client, is what saturates) for
+a fixed time per round, alternating the two servers round by round so both see
+the same machine load. Reported: the median requests per second of each,
+``stack / bare``, which must be at least 0.9, and ``deadline / bare``, which
+must be at least 0.95 (the middleware adds at most 5% to a request's cost);
+``--check`` exits 1 when a ratio is below its budget divided by ``--margin``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+BUDGETS = {"stack": 0.9, "deadline": 0.95}
+
+SERVER = textwrap.dedent(
+    """
+    import sys
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def order(request):
+        lines = [{"sku": f"sku-{i}", "qty": i % 3 + 1, "price": 1000 + i} for i in range(20)]
+        return JSONResponse({"order": request.path_params["id"],
+                             "total": sum(l["qty"] * l["price"] for l in lines)})
+
+    async def healthz(request):
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/api/orders/{id}", order), Route("/healthz", healthz)])
+    if sys.argv[2] == "stack":
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor, SpanExporter, SpanExportResult,
+        )
+
+        class Drop(SpanExporter):
+            def export(self, spans):
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Drop()))
+        trace.set_tracer_provider(provider)
+
+        from reskit import AIMDLimit, Bulkhead, Policy
+        from reskit.asgi import CorrelationIdMiddleware, ShedMiddleware
+
+        policy = Policy(
+            "orders",
+            kill_switch=True,
+            shed_at=3,
+            bulkhead=Bulkhead(1000, limit=AIMDLimit(initial=200, max_limit=1000)),
+        )
+        app = CorrelationIdMiddleware(ShedMiddleware(app, routes={"/api": policy}))
+    elif sys.argv[2] == "deadline":
+        from reskit.asgi import DeadlineMiddleware
+
+        app = DeadlineMiddleware(app, maximum=30.0)
+    print("listening", flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
+                access_log=False)
+    """
+)
+
+
+# With two or more CPUs the servers share one and the load generator has another, so the
+# scheduler cannot put a server and the generator on one CPU in some rounds and not others.
+CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+SERVER_CPU = CPUS[-1] if len(CPUS) >= 2 else None
+LOAD_CPU = CPUS[0] if len(CPUS) >= 2 else None
+
+
+def _pin(cpu: int | None) -> Any:
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start(kind: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(port), kind],
+        stdout=subprocess.PIPE,
+        preexec_fn=_pin(SERVER_CPU),
+    )
+    assert process.stdout is not None
+    if process.stdout.readline().strip() != b"listening":
+        raise RuntimeError(f"the {kind} server did not start")
+    deadline = time.monotonic() + 30
+    while True:  # uvicorn binds just after the line above: the one wait here
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, port
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"the {kind} server did not start") from None
+            time.sleep(0.02)
+
+
+async def _connection(port: int, until: float, counts: list[int], number: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = (
+        f"GET /api/orders/{number} HTTP/1.1\r\nHost: bench\r\nX-Request-ID: bench-{number}\r\n"
+        "X-Request-Timeout-Ms: 5000\r\n\r\n"
+    ).encode()
+    done = 0
+    try:
+        while time.perf_counter() < until:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected answer: {head[:60]!r}")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            done += 1
+    finally:
+        counts.append(done)
+        writer.close()
+
+
+async def _load(port: int, connections: int, seconds: float) -> tuple[int, float]:
+    """Requests answered, and the seconds it took."""
+    counts: list[int] = []
+    started = time.perf_counter()
+    until = started + seconds
+    await asyncio.gather(*(_connection(port, until, counts, n) for n in range(connections)))
+    return sum(counts), time.perf_counter() - started
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used (Linux), or 0.0 elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(rounds: int, seconds: float, connections: int) -> dict[str, float]:
+    servers = {name: start(name) for name in ("bare", "stack", "deadline")}
+    if LOAD_CPU is not None:
+        os.sched_setaffinity(0, {LOAD_CPU})
+    try:
+        samples: dict[str, list[float]] = {name: [] for name in servers}
+        cpu = dict.fromkeys(servers, 0.0)
+        answered = dict.fromkeys(servers, 0)
+        for _, port in servers.values():  # warm-up: imports, first spans, the limit
+            asyncio.run(_load(port, connections, seconds / 2))
+        for round_number in range(rounds):
+            order = list(servers.items())
+            shift = round_number % len(order)
+            order = order[shift:] + order[:shift]
+            for name, (process, port) in order:
+                before = _cpu_seconds(process.pid)
+                count, took = asyncio.run(_load(port, connections, seconds))
+                cpu[name] += _cpu_seconds(process.pid) - before
+                answered[name] += count
+                samples[name].append(count / took)
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(timeout=30)
+    result = {name: statistics.median(values) for name, values in samples.items()}
+    for name in servers:
+        result[f"{name}_cpu_us"] = cpu[name] / answered[name] * 1e6 if answered[name] else 0.0
+    for name in BUDGETS:
+        result[f"{name}_ratio"] = result[name] / result["bare"]
+        # Round by round, so a noisy neighbour shows as spread rather than hiding in a median.
+        ratios = [s / b for s, b in zip(samples[name], samples["bare"], strict=True)]
+        result[f"{name}_ratio_min"] = min(ratios)
+        result[f"{name}_ratio_max"] = max(ratios)
+        # The server's own CPU time per request: what one worker can serve at most, and
+        # far less moved by whatever else runs on the machine than requests per second.
+        if result[f"{name}_cpu_us"]:
+            result[f"{name}_cpu_ratio"] = result["bare_cpu_us"] / result[f"{name}_cpu_us"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--short", action="store_true", help="fewer, shorter rounds (for CI)")
+    parser.add_argument("--check", action="store_true", help="exit 1 under budget")
+    parser.add_argument("--margin", type=float, default=1.1)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    args = parser.parse_args(argv)
+    figures = measure(
+        rounds=6 if args.short else 15,
+        seconds=1.0 if args.short else 2.0,
+        connections=args.connections,
+    )
+    print(
+        f"requests/s, median of rounds: bare app {figures['bare']:.0f} "
+        f"({figures['bare_cpu_us']:.0f} us of server CPU a request)"
+    )
+    labels = {
+        "stack": "correlation IDs, shedding and a server span",
+        "deadline": "DeadlineMiddleware",
+    }
+    failed = []
+    for name, budget in BUDGETS.items():
+        ratio = figures.get(f"{name}_cpu_ratio", figures[f"{name}_ratio"])
+        print(
+            f"  {labels[name]}: {figures[name]:.0f}, x{figures[f'{name}_ratio']:.3f} of bare "
+            f"(rounds x{figures[f'{name}_ratio_min']:.3f} to x{figures[f'{name}_ratio_max']:.3f}); "
+            f"{figures[f'{name}_cpu_us']:.0f} us of CPU a request: capacity x{ratio:.3f} of "
+            f"bare (must be at least {budget})"
+        )
+        if ratio < budget / args.margin:
+            failed.append(f"{name}/bare {ratio:.3f} < {budget} / {args.margin}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(figures, out, indent=2)
+    for line in failed:
+        print(f"FAILED: {line}")
+    return 1 if failed and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
