@@ -92,22 +92,21 @@ def bind_correlation_id(value: str | None = None) -> Iterator[str]:
             "a correlation ID must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' or '-'; "
             "generate one with reskit.new_correlation_id() instead of passing this value"
         )
-    token = _correlation_id.set(value)
-    log_tokens = None
+    tokens = enter_correlation_id(value)
     try:
-        log_tokens = _bind_for_logs(value)
         yield value
     finally:
-        try:
-            if log_tokens is not None:
-                sys.modules["structlog.contextvars"].reset_contextvars(**log_tokens)
-        finally:
-            _correlation_id.reset(token)
+        exit_correlation_id(tokens)
 
 
 def enter_correlation_id(value: str) -> tuple[Token[str | None], dict[str, Any] | None]:
     """Bind a checked ID until :func:`exit_correlation_id`; what middleware uses per request."""
-    return _correlation_id.set(value), _bind_for_logs(value)
+    token = _correlation_id.set(value)
+    try:
+        return token, _bind_for_logs(value)
+    except BaseException:
+        _correlation_id.reset(token)
+        raise
 
 
 def exit_correlation_id(tokens: tuple[Token[str | None], dict[str, Any] | None]) -> None:

@@ -15,9 +15,9 @@ from contextvars import ContextVar
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from . import _telemetry
+from . import _clock, _telemetry
 from ._config import seconds
-from ._context import new_correlation_id, valid_correlation_id
+from ._context import _deadline, new_correlation_id, valid_correlation_id
 from ._errors import BulkheadFull, Rejected
 from ._http import Problem
 
@@ -273,6 +273,21 @@ class DeadlineSettings:
         if self.maximum is not None and received > self.maximum:
             return self.maximum, received
         return received, received
+
+    def window(self, budget: float, received: float | None) -> tuple[float, float, dict[str, Any]]:
+        """``(now, deadline, span attributes)`` for a request given ``budget`` seconds.
+
+        The deadline never reaches past one already in force (a test, an outer app).
+        """
+        now = _clock.now()
+        when = now + budget
+        outer = _deadline.get()
+        if outer is not None and outer < when:
+            when = outer
+        attributes: dict[str, Any] = {"reskit.deadline.budget_ms": round((when - now) * 1000)}
+        if received is not None:
+            attributes["reskit.deadline.received_ms"] = round(received * 1000)
+        return now, when, attributes
 
 
 def deadline_spent(header: str) -> Problem:

@@ -152,7 +152,11 @@ class IdempotencyMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            key = settings.key(scope["method"], scope["path"], _header(scope, b"idempotency-key"))
+            key = settings.key(
+                scope["method"],
+                scope["path"],
+                _edge.header_values(scope.get("headers", ()), b"idempotency-key"),
+            )
         except Problem as problem:
             await _respond(send, *problem.response())
             return
@@ -160,7 +164,7 @@ class IdempotencyMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            length = _header(scope, b"content-length")
+            length = _edge.header_values(scope.get("headers", ()), b"content-length")
             settings.check_length(length[0] if length else None)
             body = await _read(
                 receive, settings.max_body, lambda: _http.too_large(settings.max_body)
@@ -314,14 +318,6 @@ class _Exchange:
                 await _respond(self.upstream_send, status, headers, body)
             except OSError:
                 pass  # nobody is left to answer
-
-
-def _header(scope: Scope, name: bytes) -> list[str]:
-    return [
-        bytes(value).decode("latin-1")
-        for key, value in scope.get("headers", ())
-        if bytes(key).lower() == name
-    ]
 
 
 def _authorization(scope: Scope) -> str:
@@ -691,14 +687,7 @@ class DeadlineMiddleware:
         if budget is None:
             await self.app(scope, receive, send)
             return
-        now = _clock.now()
-        when = now + budget
-        outer = _deadline.get()
-        if outer is not None and outer < when:
-            when = outer
-        attributes: dict[str, Any] = {"reskit.deadline.budget_ms": round((when - now) * 1000)}
-        if received is not None:
-            attributes["reskit.deadline.received_ms"] = round(received * 1000)
+        now, when, attributes = settings.window(budget, received)
         span = _edge.ServerSpan.begin(
             scope["method"],
             scope["path"],

@@ -789,14 +789,7 @@ class DeadlineMiddleware:
         environ: WSGIEnvironment,
         start_response: StartResponse,
     ) -> Iterable[bytes]:
-        now = _clock.now()
-        when = now + budget
-        outer = _deadline.get()
-        if outer is not None and outer < when:
-            when = outer
-        attributes: dict[str, Any] = {"reskit.deadline.budget_ms": round((when - now) * 1000)}
-        if received is not None:
-            attributes["reskit.deadline.received_ms"] = round(received * 1000)
+        now, when, attributes = self.settings.window(budget, received)
         span = _edge.ServerSpan.begin(
             environ.get("REQUEST_METHOD", "GET"),
             environ.get("PATH_INFO", ""),
