@@ -1,6 +1,6 @@
 """What the edge middleware costs a service in requests per second, against the bare app.
 
-Three uvicorn processes serve the same Starlette app (a JSON endpoint that does
+Four uvicorn processes serve the same Starlette app (a JSON endpoint that does
 a little work, as the smallest real handler would):
 
 - **bare**: the app alone, no tracing;
@@ -11,12 +11,15 @@ a little work, as the smallest real handler would):
   exporter that drops them: the cost in the service, not the network's);
 - **deadline**: the app behind ``DeadlineMiddleware`` alone (every request
   carries ``X-Request-Timeout-Ms``, so each gets a deadline on reskit's timer
-  wheel), no tracing.
+  wheel), no tracing;
+- **traced**: for scale, the bare app with the same tracer provider and the
+  cheapest server span there is (a few lines around the SDK's ``start_span``):
+  what the span alone costs, which no middleware that makes one can avoid.
 
 A load generator in this process keeps ``--connections`` keep-alive
 connections busy (raw HTTP/1.1 over asyncio streams: it costs a few
 microseconds a request, so the server, not the client, is what saturates) for
-a fixed time per round, alternating the two servers round by round so both see
+a fixed time per round, rotating through the servers round by round so all see
 the same machine load. Reported: the median requests per second of each,
 ``stack / bare``, which must be at least 0.9, and ``deadline / bare``, which
 must be at least 0.95 (the middleware adds at most 5% to a request's cost);
@@ -56,7 +59,7 @@ SERVER = textwrap.dedent(
         return JSONResponse({"ok": True})
 
     app = Starlette(routes=[Route("/api/orders/{id}", order), Route("/healthz", healthz)])
-    if sys.argv[2] == "stack":
+    if sys.argv[2] in ("stack", "traced"):
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import (
@@ -70,7 +73,24 @@ SERVER = textwrap.dedent(
         provider = TracerProvider()
         provider.add_span_processor(BatchSpanProcessor(Drop()))
         trace.set_tracer_provider(provider)
+    if sys.argv[2] == "traced":
+        # The cheapest way a service gets a server span per request: the SDK, no more.
+        from opentelemetry.trace import SpanKind
 
+        tracer = trace.get_tracer("bench")
+        untraced = app
+
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                return await untraced(scope, receive, send)
+            span = tracer.start_span(scope["method"], kind=SpanKind.SERVER, attributes={
+                "http.request.method": scope["method"], "url.path": scope["path"],
+                "url.scheme": scope["scheme"]})
+            try:
+                await untraced(scope, receive, send)
+            finally:
+                span.end()
+    elif sys.argv[2] == "stack":
         from reskit import AIMDLimit, Bulkhead, Policy
         from reskit.asgi import CorrelationIdMiddleware, ShedMiddleware
 
@@ -177,7 +197,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def measure(rounds: int, seconds: float, connections: int) -> dict[str, float]:
-    servers = {name: start(name) for name in ("bare", "stack", "deadline")}
+    servers = {name: start(name) for name in ("bare", "stack", "deadline", "traced")}
     if LOAD_CPU is not None:
         os.sched_setaffinity(0, {LOAD_CPU})
     try:
@@ -203,6 +223,10 @@ def measure(rounds: int, seconds: float, connections: int) -> dict[str, float]:
     result = {name: statistics.median(values) for name, values in samples.items()}
     for name in servers:
         result[f"{name}_cpu_us"] = cpu[name] / answered[name] * 1e6 if answered[name] else 0.0
+    # The stack against the bare app with a span of its own: reskit's part, the span's
+    # cost (the same SDK call either way) on both sides.
+    result["stack_vs_traced_cpu_ratio"] = result["traced_cpu_us"] / result["stack_cpu_us"]
+    result["traced_cpu_ratio"] = result["bare_cpu_us"] / result["traced_cpu_us"]
     for name in BUDGETS:
         result[f"{name}_ratio"] = result[name] / result["bare"]
         # Round by round, so a noisy neighbour shows as spread rather than hiding in a median.
@@ -248,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         if ratio < budget / args.margin:
             failed.append(f"{name}/bare {ratio:.3f} < {budget} / {args.margin}")
+    print(
+        f"  for scale: the bare app with only an SDK server span: {figures['traced_cpu_us']:.0f}"
+        f" us of CPU a request, capacity x{figures['traced_cpu_ratio']:.3f} of bare (the "
+        "span's own cost); the stack against it: "
+        f"x{figures['stack_vs_traced_cpu_ratio']:.3f}"
+    )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(figures, out, indent=2)

@@ -13,7 +13,10 @@ of rounds, for httpx and httpx2 each:
   bulkhead), propagation headers on every request.
 
 Reported: ``(reskit - plain) / plain``, the overhead as a share of httpx's own
-per-request cost (budget 10%).
+per-request cost (budget 10%), measured two ways: the wall-clock time of a
+request (which also holds the upstream's time and how the machine schedules
+two processes on its CPUs), and the client thread's own CPU time, which is
+httpx's cost alone, steadier on a busy machine, and what the budget applies to.
 
 **Hedging.** The upstream answers ``GET /tail`` after 5 ms, except 5% of
 requests (drawn at random) after 50 ms (a shared CI machine adds a millisecond
@@ -116,6 +119,7 @@ def overhead(url: str, library: str, rounds: int, per_round: int) -> dict[str, f
     )
     variants = {"plain": plain, "reskit": wrapped}
     samples: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for client in variants.values():  # warm-up: connections, compiled drivers
             for _ in range(per_round):
@@ -127,8 +131,10 @@ def overhead(url: str, library: str, rounds: int, per_round: int) -> dict[str, f
             for name, client in order:
                 get = client.get
                 started = time.perf_counter()
+                worked = time.thread_time()
                 for _ in range(per_round):
                     get("/fast")
+                cpu[name].append((time.thread_time() - worked) / per_round)
                 samples[name].append((time.perf_counter() - started) / per_round)
     finally:
         plain.close()
@@ -137,6 +143,13 @@ def overhead(url: str, library: str, rounds: int, per_round: int) -> dict[str, f
     # Per-round differences, so a burst of load that hit one round cancels out.
     ratios = [r / p - 1.0 for r, p in zip(samples["reskit"], samples["plain"], strict=True)]
     figures["overhead"] = statistics.median(ratios)
+    # The client's own CPU time (this thread: the sync client does its I/O here), the
+    # cost httpx itself has per request, without the upstream's time or the machine's
+    # scheduling of two processes on two CPUs in it: the steadier of the two figures.
+    for name, values in cpu.items():
+        figures[f"{name}_cpu"] = statistics.median(values) * 1e6
+    cpu_ratios = [r / p - 1.0 for r, p in zip(cpu["reskit"], cpu["plain"], strict=True)]
+    figures["cpu_overhead"] = statistics.median(cpu_ratios)
     return figures
 
 
@@ -216,12 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         f = figures[library]
         print(
             f"{library}: per request, median of rounds: plain {f['plain']:.0f} us, through "
-            f"reskit.httpx.Transport {f['reskit']:.0f} us; overhead {f['overhead']:+.1%} "
+            f"reskit.httpx.Transport {f['reskit']:.0f} us, overhead {f['overhead']:+.1%}; "
+            f"the client's CPU time: plain {f['plain_cpu']:.0f} us, through the transport "
+            f"{f['reskit_cpu']:.0f} us, overhead {f['cpu_overhead']:+.1%} "
             f"(budget {OVERHEAD_BUDGET:.0%})"
         )
-        if f["overhead"] > OVERHEAD_BUDGET * args.margin:
+        if f["cpu_overhead"] > OVERHEAD_BUDGET * args.margin:
             failed.append(
-                f"{library} overhead {f['overhead']:.1%} > {OVERHEAD_BUDGET:.0%} x margin"
+                f"{library} overhead {f['cpu_overhead']:.1%} of the client's CPU time > "
+                f"{OVERHEAD_BUDGET:.0%} x margin"
             )
     h = figures["hedging"]
     print(

@@ -1073,3 +1073,19 @@ def test_time_comes_from_reskit_clock_never_the_time_module(
         assert breaker.state is BreakerState.HALF_OPEN
         succeed(breaker)
         assert breaker.state is BreakerState.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("30", TypeError),  # not a number
+        (-5, ValueError),  # negative
+        (0, ValueError),  # zero
+        (float("inf"), ValueError),  # not finite
+        (86_401, ValueError),  # over a day of one-second buckets
+    ],
+)
+def test_a_bad_window_seconds_is_named_in_the_error(value: object, error: type) -> None:
+    # The message names the argument to change, whichever check refuses it.
+    with pytest.raises(error, match=r"^window_seconds must "):
+        CircuitBreaker(failure_rate=0.5, window_seconds=value)  # type: ignore[arg-type]

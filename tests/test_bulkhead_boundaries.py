@@ -494,3 +494,110 @@ def test_a_rejection_by_the_adaptive_limit_counts_the_calls_in_flight(clock: Fak
     )
     for permit in permits:
         bulkhead.record(permit, None, 0.0)
+
+
+def test_a_release_landing_while_a_caller_queues_passes_a_dead_tasks_slot_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race the lock-free release leaves: its slot arrives after a caller's take failed.
+
+    The holder's release saw no waiter and published its slot without the lock; by
+    then a caller had failed to take one and was queueing. The caller hands the slot
+    to the oldest waiter, a task whose loop has closed, which must pass it on (here,
+    to the caller itself) instead of keeping it forever.
+    """
+    import asyncio
+
+    bulkhead = Bulkhead(1, max_waiting=2)
+    held = bulkhead.admit("p")
+    loop = asyncio.new_event_loop()
+
+    async def wait() -> None:
+        await bulkhead.admit_async("p")
+
+    task = loop.create_task(wait())
+    loop.run_until_complete(asyncio.sleep(0))
+    assert bulkhead.waiting == 1
+    loop.close()  # the queued task will never run again
+
+    enqueue = Bulkhead._enqueue_locked
+
+    def released_meanwhile(self: Bulkhead, part: Any, asynchronous: bool) -> Any:
+        assert part is held
+        part.free.append(None)  # what the holder's lock-free release does, unlocked
+        return enqueue(self, part, asynchronous)
+
+    monkeypatch.setattr(Bulkhead, "_enqueue_locked", released_meanwhile)
+    permit = bulkhead.admit("p")  # gets the slot the dead task passed on, without waiting
+    monkeypatch.undo()
+    assert (bulkhead.in_flight, bulkhead.waiting) == (1, 0)
+    assert bulkhead.try_admit("p") is None  # one slot, not two
+    bulkhead.record(permit, None, 0.0)
+    task.get_coro().close()  # nothing is given back twice
+    assert (bulkhead.in_flight, bulkhead.waiting) == (0, 0)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_key_function_sees_the_calls_keyword_arguments(asynchronous: bool) -> None:
+    """A tenant passed by keyword picks the partition, through a policy, sync and async."""
+    import asyncio
+
+    from reskit import Policy
+
+    bulkhead = Bulkhead(1, key=lambda order, *, tenant: tenant, max_waiting=0)
+    policy = Policy("orders", bulkhead=bulkhead)
+    seen: list[Any] = []
+
+    if asynchronous:
+
+        @policy
+        async def place(order: str, *, tenant: str) -> Any:
+            seen.append(bulkhead.partitions)
+            return await asyncio.sleep(0)
+
+        asyncio.run(place("o1", tenant="acme"))
+    else:
+
+        @policy
+        def place(order: str, *, tenant: str) -> Any:
+            seen.append(bulkhead.partitions)
+            # acme's one slot is taken; another tenant still gets in.
+            with pytest.raises(BulkheadFull):
+                bulkhead.admit("p", "acme")
+            other = bulkhead.admit("p", "globex")
+            bulkhead.record(other, None, 0.0)
+            return None
+
+        place("o1", tenant="acme")
+    assert seen == [1]  # one partition: acme's, not the shared default
+    assert (bulkhead.in_flight, bulkhead.waiting) == (0, 0)
+
+
+async def test_a_cancelled_waiter_leaves_no_empty_queue_for_the_adaptive_cap() -> None:
+    """Under an adaptive cap the grant looks through every queued partition: a partition
+    whose last waiter left (while it still holds a slot, so it stays) must not be listed,
+    or the next release finds nobody in it."""
+    import asyncio
+
+    from reskit import AIMDLimit
+
+    bulkhead = Bulkhead(2, key=lambda t: t, max_waiting=1, limit=AIMDLimit(initial=2, max_limit=2))
+    held_a = await bulkhead.admit_async("p", "a")
+    held_b = await bulkhead.admit_async("p", "b")  # the cap of 2 is reached
+    waiter = asyncio.ensure_future(bulkhead.admit_async("p", "b"))
+    await asyncio.sleep(0)
+    assert bulkhead.waiting == 1
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert bulkhead.waiting == 0
+    # Another tenant queues; the release must find it, not b's emptied queue.
+    later = asyncio.ensure_future(bulkhead.admit_async("p", "c"))
+    await asyncio.sleep(0)
+    assert bulkhead.waiting == 1
+    bulkhead.record(held_a, None, 0.0)
+    permit = await later
+    assert (bulkhead.in_flight, bulkhead.waiting) == (2, 0)
+    for held in (permit, held_b):
+        bulkhead.record(held, None, 0.0)
+    assert (bulkhead.in_flight, bulkhead.waiting, bulkhead.partitions) == (0, 0, 0)

@@ -44,6 +44,7 @@ class Seen:
     method: str
     path: str
     headers: dict[str, str]
+    raw: list[tuple[str, str]] = field(default_factory=list)  # every field, in order
 
 
 class Upstream:
@@ -71,14 +72,15 @@ class Upstream:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        headers = dict(raw)
         while True:  # the body, so a disconnect can be heard afterwards
             message = await receive()
             if not message.get("more_body"):
                 break
         path = scope["path"]
         with self._lock:
-            self.seen.append(Seen(scope["method"], path, headers))
+            self.seen.append(Seen(scope["method"], path, headers, raw))
             script = self.script.get(path)
             answer = script.pop(0) if script else self.default.get(path, Answer())
         self.arrived.set()
@@ -501,6 +503,43 @@ def test_a_tighter_budget_set_on_the_request_is_kept(
     assert loose.headers["x-request-timeout-ms"] == "2000"  # never more than what is left
 
 
+@pytest.mark.parametrize("entries", ["httpx's list", "public methods"])
+def test_propagation_is_the_same_through_either_way_of_writing_headers(
+    up: tuple[Upstream, str],
+    drivers: Callable[..., Driver],
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    entries: str,
+) -> None:
+    """The transport writes into httpx's own list of header entries where it is laid
+    out as in httpx 0.28 and httpx2; elsewhere the public methods give the same request."""
+    import reskit._http_client
+
+    laid_out = reskit._http_client._entries_laid_out
+    monkeypatch.setattr(
+        reskit._http_client,
+        "_entries_laid_out",
+        laid_out if entries == "httpx's list" else (lambda lib: False),
+    )
+    app, url = up
+    client = drivers(url, policy=reskit.Policy("upstream", deadline=2.0))
+    client.request("GET", "/r", headers={"x-request-timeout-ms": "150", "X-Request-ID": "mine"})
+    client.request(
+        "GET", "/r", headers=[("X-Request-Timeout-Ms", "90"), ("X-REQUEST-TIMEOUT-MS", "80")]
+    )
+    # Digits, but not ASCII ones (Arabic-Indic, as UTF-8 bytes: httpx refuses such text).
+    client.request("GET", "/r", headers={"X-Request-Timeout-Ms": "١٢".encode()})
+    client.request("GET", "/r")
+    budgets = [[v for k, v in seen.raw if k == "x-request-timeout-ms"] for seen in app.seen]
+    # Kept when tighter; sent twice or not in ASCII digits: replaced, once; absent: added.
+    assert budgets == [["150"], ["2000"], ["2000"], ["2000"]]
+    ids = [[v for k, v in seen.raw if k == "x-request-id"] for seen in app.seen]
+    assert ids[0] == ["mine"]
+    generated = [cid for (cid,) in ids[1:]]
+    assert all(reskit.valid_correlation_id(cid) for cid in generated)
+    assert len(set(generated)) == 3
+
+
 def test_a_reserve_the_budget_cannot_cover_starts_no_attempt(
     up: tuple[Upstream, str], drivers: Callable[..., Driver]
 ) -> None:
@@ -718,3 +757,25 @@ def test_a_tenacity_retry_strategy_is_refused() -> None:
     policy = reskit.Policy("x", retry=reskit.Retry(retry=tenacity.retry_if_exception_type(OSError)))
     with pytest.raises(TypeError, match="on="):
         rhttpx.Transport(policy)
+
+
+def test_headers_laid_out_otherwise_are_written_through_the_public_methods() -> None:
+    import types
+
+    import httpx
+    import httpx2
+
+    from reskit._http_client import _entries_laid_out
+
+    class Headers(dict[str, str]):  # a library keeping its entries some other way
+        pass
+
+    class Listed(httpx.Headers):  # the same list, but entries that are not reused as given
+        def __setitem__(self, key: str, value: str) -> None:
+            super().__setitem__(key, value.upper())
+
+    assert _entries_laid_out(httpx)
+    assert _entries_laid_out(httpx2)
+    assert not _entries_laid_out(types.SimpleNamespace(Headers=Headers))
+    assert not _entries_laid_out(types.SimpleNamespace(Headers=Listed))
+    assert not _entries_laid_out(types.SimpleNamespace())  # no Headers at all

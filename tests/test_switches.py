@@ -1287,6 +1287,17 @@ def test_force_reaches_every_breaker_of_that_name(name: str) -> None:
     assert other.state is BreakerState.CLOSED
 
 
+def test_no_operator_state_leaves_a_breakers_own_state_alone(name: str) -> None:
+    # Opened before any policy adopted it: adopting it applies the store's view, which
+    # has no operator state for it, and that must not close it.
+    breaker = CircuitBreaker(name=name)
+    breaker.open()
+    Policy("p", breaker=breaker)
+    assert breaker.state is BreakerState.OPEN
+    configure(MemoryStore())  # a new store, with no operator state either
+    assert breaker.state is BreakerState.OPEN
+
+
 def test_a_new_store_releases_forced_breakers(name: str) -> None:
     breaker = CircuitBreaker(name=name)
     Policy("p", breaker=breaker)

@@ -538,7 +538,8 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._phase = _Phase(_CLOSED)
         # When an open breaker turns half-open; kept as one sum for the rejection path.
-        self._half_open_at = 0.0
+        # Read only while open, and _move() sets it on the way there.
+        self._half_open_at = 0.0  # pragma: no mutate (never read before _move() sets it)
         self._fail_counter = 0
         self._success_counter = 0
         # Live half-open probes, oldest first, so expiry only looks at the front.
@@ -548,7 +549,6 @@ class CircuitBreaker:
         listeners = tuple(listeners)
         for listener in listeners:
             _check_listener(listener)
-        self._listeners: tuple[object, ...] = ()
         self._set_listeners(listeners)
 
         #: The state an operator forced through the store (reskit.force_breaker), if any.

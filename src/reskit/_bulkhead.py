@@ -494,7 +494,9 @@ class Bulkhead:
         permit = self._take(key)  # pragma: no mutate (a fast path: _try_acquire takes it too)
         if permit is not None:
             return permit
+        # pragma: no mutate start (only the truth of "asynchronous" is read: None is False)
         got = self._try_acquire(policy_name, key, False)
+        # pragma: no mutate end
         if isinstance(got, _Partition):
             return got
         assert isinstance(got, _ThreadWaiter)

@@ -295,6 +295,11 @@ def _retry_loop(w: _Writer, retry: Retry, run: str, inner: _Inner) -> None:
             w("continue")
         if retry._inspects_results:
             # Only functions and coroutines get here (see _check).
+            if getattr(retry.on_result, "pure", False) is True:
+                # A predicate that may be asked twice (the httpx transport's status
+                # check): a first attempt whose result stands ends the loop here,
+                # without building the retry's state, on every successful call's path.
+                w("if rcall is None and not RETRY_ON_RESULT(result):", "    break")
             w("if rcall is None:", "    rcall = _RetryCall(RETRY, NAME, began, fn, args, kwargs)")
             w(f"delay = {run}(_decide(rcall, None, result, {w.obs_ref}))")
             with w.block("if delay is not None:"):
@@ -852,6 +857,7 @@ def compile_driver(runner: Runner, policy: Policy, kind: Kind) -> dict[str, Any]
         namespace["FB_PREDICATE"] = policy.fallback._predicate
     if policy.retry is not None:
         namespace["RETRY"] = policy.retry
+        namespace["RETRY_ON_RESULT"] = policy.retry.on_result
         if policy.retry.budget is not None:
             namespace["BUDGET_DEPOSIT"] = policy.retry.budget._deposit
     layers = _layers_of(policy, kind)

@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from . import _clock, _telemetry
+from . import _telemetry
 from ._config import seconds
 from ._context import _deadline, new_correlation_id, valid_correlation_id
 from ._errors import BulkheadFull, Rejected
@@ -268,26 +268,50 @@ class DeadlineSettings:
             text = values[0].strip()
             if _MILLIS.fullmatch(text) is not None:
                 received = int(text) / 1000.0
+        return self._grant(received)
+
+    def budget_in(self, pairs: Iterable[tuple[bytes, bytes]]) -> tuple[float | None, float | None]:
+        """:meth:`budget` read straight from ASGI header pairs, on every request's path."""
+        key = self.key
+        size = len(key)
+        found = None
+        for name, value in pairs:
+            # As in header_values: the length first, then the name in any case.
+            if len(name) == size and (name == key or name.lower() == key):
+                if found is not None:
+                    return self.default, None  # sent twice: ignored
+                found = value
+        if found is None:
+            return self.default, None
+        text = found.strip()
+        # bytes.isdigit() is true only for ASCII digits; ten of them are 115 days.
+        if not (text.isdigit() and len(text) <= 10):
+            return self.default, None
+        return self._grant(int(text) / 1000.0)
+
+    def _grant(self, received: float | None) -> tuple[float | None, float | None]:
         if received is None:
             return self.default, None
         if self.maximum is not None and received > self.maximum:
             return self.maximum, received
         return received, received
 
-    def window(self, budget: float, received: float | None) -> tuple[float, float, dict[str, Any]]:
-        """``(now, deadline, span attributes)`` for a request given ``budget`` seconds.
+    def until(self, now: float, budget: float) -> float:
+        """The deadline of a request given ``budget`` seconds at ``now``.
 
-        The deadline never reaches past one already in force (a test, an outer app).
+        It never reaches past a deadline already in force (a test, an outer app).
         """
-        now = _clock.now()
         when = now + budget
         outer = _deadline.get()
-        if outer is not None and outer < when:
-            when = outer
+        return outer if outer is not None and outer < when else when
+
+    @staticmethod
+    def attributes(now: float, when: float, received: float | None) -> dict[str, Any]:
+        """The server span's record of the budget: what was received, what was given."""
         attributes: dict[str, Any] = {"reskit.deadline.budget_ms": round((when - now) * 1000)}
         if received is not None:
             attributes["reskit.deadline.received_ms"] = round(received * 1000)
-        return now, when, attributes
+        return attributes
 
 
 def deadline_spent(header: str) -> Problem:
@@ -331,6 +355,15 @@ _api: _Otel | None = None
 # The server span reskit started for the request in progress, so the middleware
 # inside the one that started it adds to it without asking OpenTelemetry.
 _request_span: ContextVar[ServerSpan | None] = ContextVar("reskit_server_span", default=None)
+
+
+def spans_wanted() -> bool:
+    """Whether a request may record on a span: one is in progress, or a tracer is set.
+
+    Checked before gathering what :meth:`ServerSpan.begin` needs, which a
+    service without tracing would gather on every request for nothing.
+    """
+    return _request_span.get() is not None or _telemetry.tracer() is not None
 
 
 class ServerSpan:
@@ -449,5 +482,15 @@ def route_path(path: str, root_path: str) -> str:
 
 
 def header_values(pairs: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
-    """The values of header ``name`` (lower case) among ASGI header pairs."""
-    return [bytes(value).decode("latin-1") for key, value in pairs if bytes(key).lower() == name]
+    """The values of header ``name`` (lower case) among ASGI header pairs.
+
+    ASGI servers send names in lower case, but the spec's "should" is not
+    trusted. The length is compared first: it rules out almost every other
+    header without making a lower-cased copy of its name, on every request.
+    """
+    size = len(name)
+    return [
+        value.decode("latin-1")
+        for key, value in pairs
+        if len(key) == size and (key == name or key.lower() == name)
+    ]

@@ -511,14 +511,13 @@ class Admission:
         duration = _clock.now() - self._started
         if exc is not None:
             self._policy._counters.ended(exc)
-        pending = list(zip(self._gates, permits, strict=True))
-        # Every permit is given back even if a gate's record raises (a faulty
-        # custom adaptive limit); the first such error is raised afterwards.
+        gates = self._gates
+        # Every permit is given back, innermost first, even if a gate's record raises
+        # (a faulty custom adaptive limit); the first such error is raised afterwards.
         error: BaseException | None = None
-        while pending:
-            gate, permit = pending.pop()
+        for index in range(len(permits) - 1, -1, -1):
             try:
-                gate.record(permit, exc, duration)
+                gates[index].record(permits[index], exc, duration)
             except BaseException as failed:
                 if error is None:
                     error = failed

@@ -51,10 +51,16 @@ _MAX_GRAIN = 2.0**-4  # 62.5 ms
 
 def grain_for(timeout: float) -> float:
     """The bucket width for a timeout: a power of two near ``timeout / 64``."""
+    if timeout >= _MAX_GRAIN * 64.0:
+        return _MAX_GRAIN  # the common case (seconds), without the arithmetic below
     if timeout <= 0:
         return _MIN_GRAIN
-    grain = 2.0 ** math.floor(math.log2(timeout / 64.0))
-    return min(max(grain, _MIN_GRAIN), _MAX_GRAIN)
+    # frexp gives x = m * 2**e with 0.5 <= m < 1, so 2**(e-1) is the power of two at
+    # or below x: floor(log2(x)) without the two float functions, on every call's path.
+    grain = math.ldexp(0.5, math.frexp(timeout / 64.0)[1])
+    if grain < _MIN_GRAIN:
+        return _MIN_GRAIN
+    return grain if grain < _MAX_GRAIN else _MAX_GRAIN
 
 
 class Expiry:

@@ -433,14 +433,16 @@ class CorrelationIdMiddleware:
             return
         settings = self.settings
         name = settings.key
+        size = len(name)
         values: list[str] = []
         parents: list[str] = []
         for key, raw in scope.get("headers", ()):
-            key = bytes(key).lower()
-            if key == name:
-                values.append(bytes(raw).decode("latin-1"))
-            elif key == b"traceparent":
-                parents.append(bytes(raw).decode("latin-1"))
+            # As in _edge.header_values: the length rules out most names uncopied.
+            length = len(key)
+            if length == size and (key == name or key.lower() == name):
+                values.append(raw.decode("latin-1"))
+            elif length == 11 and (key == b"traceparent" or key.lower() == b"traceparent"):
+                parents.append(raw.decode("latin-1"))
         try:
             cid = settings.choose(values, parents)
         except Problem as problem:
@@ -449,37 +451,36 @@ class CorrelationIdMiddleware:
             await _respond(send, code, answer, body)
             return
         value = cid.encode("ascii")
-        status: int | None = None
+        answered: list[int] = []  # the status, once the response starts
 
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
+        # A plain function handing back send's awaitable: no coroutine of its own
+        # for each message, on every request's path.
+        def send_with_id(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
-                status = message["status"]
+                answered.append(message["status"])
                 headers = [
-                    pair for pair in message.get("headers", ()) if bytes(pair[0]).lower() != name
+                    pair
+                    for pair in message.get("headers", ())
+                    if len(pair[0]) != size or pair[0].lower() != name
                 ]
                 headers.append((name, value))
                 message["headers"] = headers
-            await send(message)
+            return send(message)
 
         tokens = enter_correlation_id(cid)
         error: BaseException | None = None
-        span = _edge.ServerSpan.begin(
-            scope["method"],
-            scope["path"],
-            scope.get("scheme", "http"),
-            (lambda: _text_headers(scope)) if parents else None,
-            {"reskit.correlation_id": cid},
-        )
+        span = None
+        if _edge.spans_wanted():
+            span = _server_span(scope, {"reskit.correlation_id": cid}, propagated=bool(parents))
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
             error = exc
-            if status is None:
+            if not answered:
                 # Nothing answered yet: answer here, where the ID can still be echoed.
                 # The exception goes on to the server, which then drops an HTTP/1
                 # connection: the answer says so, or a client reusing it gets a reset.
-                status = 500
+                answered.append(500)
                 answer = [
                     ("content-type", "text/plain; charset=utf-8"),
                     ("content-length", "21"),
@@ -495,7 +496,7 @@ class CorrelationIdMiddleware:
         finally:
             try:
                 if span is not None:
-                    span.end(status, error)
+                    span.end(answered[0] if answered else None, error)
             finally:
                 exit_correlation_id(tokens)
 
@@ -572,12 +573,7 @@ class ShedMiddleware:
             await self.app(scope, receive, send)
             return
         key = None if self.tenant is None else _edge.check_tenant(self.tenant(scope))
-        span = _edge.ServerSpan.begin(
-            scope["method"],
-            scope["path"],
-            scope.get("scheme", "http"),
-            lambda: _text_headers(scope),
-        )
+        span = _server_span(scope) if _edge.spans_wanted() else None
         admission = policy.admit(key)
         try:
             await admission.__aenter__()
@@ -591,28 +587,46 @@ class ShedMiddleware:
                 if span is not None:
                     span.end(problem.status, None)
             return
-        status: int | None = None
+        answered: list[int] = []  # the status, once the response starts
 
-        async def watch(message: Message) -> None:
-            nonlocal status
+        def watch(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+                answered.append(message["status"])
+            return send(message)
 
+        # Only a span this middleware started needs the status from here; an outer
+        # middleware's (or the instrumentation's) span gets it where it was started.
         try:
-            await self.app(scope, receive, send if span is None else watch)
+            await self.app(scope, receive, watch if span is not None and span.own else send)
         except BaseException as exc:
             try:
-                await admission.__aexit__(type(exc), exc, exc.__traceback__)
+                admission._release(exc)
             finally:
                 if span is not None:
-                    span.end(status, exc)
+                    span.end(answered[0] if answered else None, exc)
             raise
         try:
-            await admission.__aexit__(None, None, None)
+            admission._release(None)
         finally:
             if span is not None:
-                span.end(status, None)
+                span.end(answered[0] if answered else None, None)
+
+
+def _server_span(
+    scope: Scope, attributes: dict[str, Any] | None = None, *, propagated: bool = True
+) -> _edge.ServerSpan | None:
+    """The request's server span (see :class:`reskit._edge.ServerSpan`).
+
+    Called only when :func:`reskit._edge.spans_wanted` says something records;
+    ``propagated=False`` when the request carries no ``traceparent`` to continue.
+    """
+    return _edge.ServerSpan.begin(
+        scope["method"],
+        scope["path"],
+        scope.get("scheme", "http"),
+        (lambda: _text_headers(scope)) if propagated else None,
+        attributes,
+    )
 
 
 def _text_headers(scope: Scope) -> dict[str, str]:
@@ -681,54 +695,57 @@ class DeadlineMiddleware:
             await self.app(scope, receive, send)
             return
         settings = self.settings
-        budget, received = settings.budget(
-            _edge.header_values(scope.get("headers", ()), settings.key)
-        )
+        budget, received = settings.budget_in(scope.get("headers", ()))
         if budget is None:
             await self.app(scope, receive, send)
             return
-        now, when, attributes = settings.window(budget, received)
-        span = _edge.ServerSpan.begin(
-            scope["method"],
-            scope["path"],
-            scope.get("scheme", "http"),
-            lambda: _text_headers(scope),
-            attributes,
-        )
-        status: int | None = None
-        error: BaseException | None = None
-        exceeded = when <= now
-        try:
-            if exceeded:
-                status = 504
+        now = _clock.now()
+        when = now + budget
+        outer = _deadline.get()
+        if outer is not None and outer < when:
+            when = outer  # never past a deadline already in force (a test, an outer app)
+        span = None
+        if _edge.spans_wanted():
+            span = _server_span(scope, settings.attributes(now, when, received))
+        if when <= now:
+            try:
                 await _respond(send, *_edge.deadline_spent(settings.header).response())
-                return
-            task = asyncio.current_task()
-            assert task is not None
-            expiry = Expiry(task)
-            bucket = wheel_for(task.get_loop()).arm(expiry, when, grain_for(when - now))
-            token = _deadline.set(when)
-            late = False
+            finally:
+                if span is not None:
+                    span.set(_DEADLINE_EXCEEDED)
+                    span.end(504, None)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        expiry = Expiry(task)
+        bucket = wheel_for(task.get_loop()).arm(expiry, when, grain_for(when - now))
+        token = _deadline.set(when)
+        # [status, late]: one cell for the sender below, cheaper than two nonlocals.
+        state: list[Any] = [None, False]
 
-            async def watch(message: Message) -> None:
-                nonlocal status, late
-                kind = message["type"]
-                if kind == "http.response.start":
-                    if expiry.fired:
-                        # The budget ran out first (an app that caught its cancellation):
-                        # the caller gets the 504, not an answer it no longer waits for.
-                        late = True
-                        return
-                    status = message["status"]
-                elif late:
-                    return
-                elif kind == "http.response.body" and not message.get("more_body", False):
-                    # Answered in time. What the app does next (background tasks) is
-                    # not the caller's to wait for: no deadline bounds it.
-                    bucket.discard(expiry)
-                    _deadline.set(None)
-                await send(message)
+        # A plain function handing back send's awaitable: no coroutine of its own
+        # for each message, on every request's path.
+        def watch(message: Message) -> Awaitable[None]:
+            kind = message["type"]
+            if kind == "http.response.start":
+                if expiry.fired:
+                    # The budget ran out first (an app that caught its cancellation):
+                    # the caller gets the 504, not an answer it no longer waits for.
+                    state[1] = True
+                    return _nothing()
+                state[0] = message["status"]
+            elif state[1]:
+                return _nothing()
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                # Answered in time. What the app does next (background tasks) is
+                # not the caller's to wait for: no deadline bounds it.
+                bucket.discard(expiry)
+                _deadline.set(None)
+            return send(message)
 
+        error: BaseException | None = None
+        exceeded = False
+        try:
             try:
                 await self.app(scope, receive, watch)
             except asyncio.CancelledError:
@@ -740,7 +757,7 @@ class DeadlineMiddleware:
                     await settle(expiry)
                 # A deadline error the app let out, once the request's budget is spent,
                 # is the request's own: answered like any other run-out budget.
-                if exc.kind != "deadline" or status is not None or _clock.now() < when:
+                if exc.kind != "deadline" or state[0] is not None or _clock.now() < when:
                     error = exc
                     raise
                 exceeded = True
@@ -755,15 +772,23 @@ class DeadlineMiddleware:
             if expiry.fired and not exceeded:
                 await settle(expiry)
                 exceeded = True  # the app caught its cancellation and went on
-            if exceeded and status is None:
-                status = 504
+            if exceeded and state[0] is None:
+                state[0] = 504
                 await _respond(send, *_edge.deadline_spent(settings.header).response())
             # Past the start of the response, a timed-out app's response is cut short
             # where it stopped: the server closes the connection.
         finally:
             if span is not None:
-                span.set({"reskit.deadline.exceeded": exceeded})
-                span.end(status, error)
+                span.set(_DEADLINE_EXCEEDED if exceeded else _DEADLINE_MET)
+                span.end(state[0], error)
+
+
+async def _nothing() -> None:
+    """What a dropped message's send awaits."""
+
+
+_DEADLINE_EXCEEDED = {"reskit.deadline.exceeded": True}
+_DEADLINE_MET = {"reskit.deadline.exceeded": False}
 
 
 # -- the admin endpoint ------------------------------------------------------------------

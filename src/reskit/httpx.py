@@ -193,6 +193,10 @@ class _RetryOn:
 class _RetryOnStatus:
     __slots__ = ("statuses",)
 
+    #: Sync, and asking it twice changes nothing: the engine may skip the retry
+    #: machinery when it says a first attempt's response stands.
+    pure = True
+
     def __init__(self, statuses: frozenset[int]) -> None:
         self.statuses = statuses
 
@@ -369,6 +373,8 @@ class _Base:
         importable side by side, so the first request decides.
         """
         core = self._core
+        if core is not None and type(request) is core.lib.Request:
+            return core  # every request but the first, unless a client mixes libraries
         root = type(request).__module__.partition(".")[0]
         if core is None:
             with self._setup_lock:
@@ -488,7 +494,21 @@ class Transport(_Base, _BaseA, _BaseB):
         return response
 
     def _attempt(self, ex: Exchange) -> Any:
-        return self._run(ex.attempt())
+        previous = ex.previous
+        if previous is not None:  # the last attempt's retryable answer
+            ex.previous = None
+            _discard(previous)
+        if ex.hedged:
+            return self._run(ex.hedge())
+        t = ex.begin()
+        try:
+            response = self._send(t.request)
+        except BaseException as exc:
+            error = ex.failed(t, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        return ex.answered(t, response)
 
     def _run(self, flow: Flow) -> Any:
         """Execute a flow's commands on this thread (and on worker threads for hedges)."""
@@ -649,7 +669,21 @@ class AsyncTransport(_Base, _AsyncBaseA, _AsyncBaseB):
         return response
 
     async def _attempt(self, ex: Exchange) -> Any:
-        return await self._run(ex.attempt())
+        previous = ex.previous
+        if previous is not None:  # the last attempt's retryable answer
+            ex.previous = None
+            await _adiscard(previous)
+        if ex.hedged:
+            return await self._run(ex.hedge())
+        t = ex.begin()
+        try:
+            response = await self._send(t.request)
+        except BaseException as exc:
+            error = ex.failed(t, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        return ex.answered(t, response)
 
     async def _run(self, flow: Flow) -> Any:
         """Execute a flow's commands on this task (and on tasks of their own for hedges)."""

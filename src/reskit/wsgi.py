@@ -789,14 +789,17 @@ class DeadlineMiddleware:
         environ: WSGIEnvironment,
         start_response: StartResponse,
     ) -> Iterable[bytes]:
-        now, when, attributes = self.settings.window(budget, received)
-        span = _edge.ServerSpan.begin(
-            environ.get("REQUEST_METHOD", "GET"),
-            environ.get("PATH_INFO", ""),
-            environ.get("wsgi.url_scheme", "http"),
-            lambda: _text_headers(environ),
-            attributes,
-        )
+        now = _clock.now()
+        when = self.settings.until(now, budget)
+        span = None
+        if _edge.spans_wanted():
+            span = _edge.ServerSpan.begin(
+                environ.get("REQUEST_METHOD", "GET"),
+                environ.get("PATH_INFO", ""),
+                environ.get("wsgi.url_scheme", "http"),
+                lambda: _text_headers(environ),
+                self.settings.attributes(now, when, received),
+            )
         exchange = _Watched(span, when)
         if when <= now:
             exchange.finish(None, status=504)
