@@ -97,6 +97,19 @@ def test_admit_key_must_be_a_string() -> None:
         Policy("edge").admit(key=42)  # type: ignore[arg-type]
 
 
+def test_a_second_exit_gives_nothing_back_twice() -> None:
+    bulkhead = Bulkhead(1)
+    policy = Policy("p", bulkhead=bulkhead)
+    admission = policy.admit()
+    with admission:
+        assert bulkhead.in_flight == 1
+    admission.__exit__(ValueError, ValueError("late"), None)  # a wrapper exiting again
+    assert bulkhead.in_flight == 0
+    assert bulkhead.try_admit("p") is not None  # one slot, not two
+    assert bulkhead.try_admit("p") is None
+    assert policy.statistics.failures == 0  # the late exit counted nothing
+
+
 def test_an_admission_is_used_once() -> None:
     admission = Policy("edge", bulkhead=Bulkhead(1)).admit()
     with admission:

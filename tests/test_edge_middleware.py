@@ -801,3 +801,30 @@ def test_bulkhead_full_keeps_its_partition_through_pickling() -> None:
     error = reskit.BulkheadFull("full", policy="p", retry_after=2.0, partition="alice")
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.partition, copy.policy, copy.retry_after, str(copy)) == ("alice", "p", 2.0, "full")
+
+
+@pytest.mark.parametrize("middleware", ["correlation", "shed", "deadline"])
+def test_a_wsgi_app_served_through_asgiref_behind_the_middleware(
+    middleware: str, spans: Any
+) -> None:
+    """asgiref's WsgiToAsgi hands the ``send`` it gets to AsyncToSync, which warns about
+    (and, under this suite's warnings-as-errors, refuses) a callable not marked async:
+    each middleware's own sender must be a coroutine function. (With a tracer set, the
+    shed middleware starts the span and watches the response for its status.)"""
+    asgiref_wsgi = pytest.importorskip("asgiref.wsgi")
+
+    def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        return [b"hello"]
+
+    inner = asgiref_wsgi.WsgiToAsgi(hello)
+    app = {
+        "correlation": lambda: reskit.asgi.CorrelationIdMiddleware(inner),
+        "shed": lambda: reskit.asgi.ShedMiddleware(
+            inner, routes={"/": Policy("wsgi-behind", bulkhead=Bulkhead(4))}
+        ),
+        "deadline": lambda: reskit.asgi.DeadlineMiddleware(inner, default=5.0),
+    }[middleware]()
+    with running_uvicorn(app) as url, httpx.Client(base_url=url) as client:
+        response = client.get("/hello")
+    assert (response.status_code, response.text) == (200, "hello")

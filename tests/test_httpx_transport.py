@@ -759,7 +759,7 @@ def test_a_tenacity_retry_strategy_is_refused() -> None:
         rhttpx.Transport(policy)
 
 
-def test_headers_laid_out_otherwise_are_written_through_the_public_methods() -> None:
+def test_the_header_layout_probe_accepts_httpx_and_refuses_other_layouts() -> None:
     import types
 
     import httpx

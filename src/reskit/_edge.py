@@ -265,7 +265,7 @@ class DeadlineSettings:
         """
         received = None
         if len(values) == 1:
-            text = values[0].strip()
+            text = values[0].strip(" \t")  # HTTP's whitespace around a field value
             if _MILLIS.fullmatch(text) is not None:
                 received = int(text) / 1000.0
         return self._grant(received)
@@ -283,7 +283,7 @@ class DeadlineSettings:
                 found = value
         if found is None:
             return self.default, None
-        text = found.strip()
+        text = found.strip(b" \t")  # HTTP's whitespace around a field value
         # bytes.isdigit() is true only for ASCII digits; ten of them are 115 days.
         if not (text.isdigit() and len(text) <= 10):
             return self.default, None

@@ -425,6 +425,10 @@ def _describe(fn: Callable[..., Any]) -> str:
     return f"{type(fn).__qualname__} object (its __call__)"
 
 
+# What an admission's permits become once released (never appended to).
+_GIVEN_BACK: list[Any] = []
+
+
 class Admission:
     """The outer gates of a policy applied to a ``with`` or ``async with`` block.
 
@@ -466,7 +470,7 @@ class Admission:
     def _refused(self, exc: BaseException) -> None:
         # Give back what the gates before the refusing one granted, innermost first.
         permits = self._permits or []
-        self._permits = []
+        self._permits = _GIVEN_BACK
         granted = self._gates[: len(permits)]
         for gate, permit in zip(reversed(granted), reversed(permits), strict=True):
             gate.record(permit, exc, 0.0)
@@ -506,8 +510,10 @@ class Admission:
         self._started = _clock.now()
 
     def _release(self, exc: BaseException | None) -> None:
-        permits = self._permits or []
-        self._permits = []
+        permits = self._permits
+        if permits is None or permits is _GIVEN_BACK:
+            return  # never admitted, or released already: nothing to give back twice
+        self._permits = _GIVEN_BACK
         duration = _clock.now() - self._started
         if exc is not None:
             self._policy._counters.ended(exc)

@@ -53,8 +53,8 @@ def grain_for(timeout: float) -> float:
     """The bucket width for a timeout: a power of two near ``timeout / 64``."""
     if timeout >= _MAX_GRAIN * 64.0:
         return _MAX_GRAIN  # the common case (seconds), without the arithmetic below
-    if timeout <= 0:
-        return _MIN_GRAIN
+    if not timeout > _MIN_GRAIN * 64.0:
+        return _MIN_GRAIN  # 62.5 ms or less (also zero, negative, and NaN)
     # frexp gives x = m * 2**e with 0.5 <= m < 1, so 2**(e-1) is the power of two at
     # or below x: floor(log2(x)) without the two float functions, on every call's path.
     grain = math.ldexp(0.5, math.frexp(timeout / 64.0)[1])

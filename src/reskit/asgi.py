@@ -453,9 +453,7 @@ class CorrelationIdMiddleware:
         value = cid.encode("ascii")
         answered: list[int] = []  # the status, once the response starts
 
-        # A plain function handing back send's awaitable: no coroutine of its own
-        # for each message, on every request's path.
-        def send_with_id(message: Message) -> Awaitable[None]:
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 answered.append(message["status"])
                 headers = [
@@ -465,7 +463,7 @@ class CorrelationIdMiddleware:
                 ]
                 headers.append((name, value))
                 message["headers"] = headers
-            return send(message)
+            await send(message)
 
         tokens = enter_correlation_id(cid)
         error: BaseException | None = None
@@ -589,10 +587,10 @@ class ShedMiddleware:
             return
         answered: list[int] = []  # the status, once the response starts
 
-        def watch(message: Message) -> Awaitable[None]:
+        async def watch(message: Message) -> None:
             if message["type"] == "http.response.start":
                 answered.append(message["status"])
-            return send(message)
+            await send(message)
 
         # Only a span this middleware started needs the status from here; an outer
         # middleware's (or the instrumentation's) span gets it where it was started.
@@ -707,45 +705,39 @@ class DeadlineMiddleware:
         span = None
         if _edge.spans_wanted():
             span = _server_span(scope, settings.attributes(now, when, received))
-        if when <= now:
-            try:
-                await _respond(send, *_edge.deadline_spent(settings.header).response())
-            finally:
-                if span is not None:
-                    span.set(_DEADLINE_EXCEEDED)
-                    span.end(504, None)
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        expiry = Expiry(task)
-        bucket = wheel_for(task.get_loop()).arm(expiry, when, grain_for(when - now))
-        token = _deadline.set(when)
         # [status, late]: one cell for the sender below, cheaper than two nonlocals.
         state: list[Any] = [None, False]
-
-        # A plain function handing back send's awaitable: no coroutine of its own
-        # for each message, on every request's path.
-        def watch(message: Message) -> Awaitable[None]:
-            kind = message["type"]
-            if kind == "http.response.start":
-                if expiry.fired:
-                    # The budget ran out first (an app that caught its cancellation):
-                    # the caller gets the 504, not an answer it no longer waits for.
-                    state[1] = True
-                    return _nothing()
-                state[0] = message["status"]
-            elif state[1]:
-                return _nothing()
-            elif kind == "http.response.body" and not message.get("more_body", False):
-                # Answered in time. What the app does next (background tasks) is
-                # not the caller's to wait for: no deadline bounds it.
-                bucket.discard(expiry)
-                _deadline.set(None)
-            return send(message)
-
         error: BaseException | None = None
-        exceeded = False
+        exceeded = when <= now
         try:
+            if exceeded:
+                state[0] = 504
+                await _respond(send, *_edge.deadline_spent(settings.header).response())
+                return
+            task = asyncio.current_task()
+            assert task is not None
+            expiry = Expiry(task)
+            bucket = wheel_for(task.get_loop()).arm(expiry, when, grain_for(when - now))
+            token = _deadline.set(when)
+
+            async def watch(message: Message) -> None:
+                kind = message["type"]
+                if kind == "http.response.start":
+                    if expiry.fired:
+                        # The budget ran out first (an app that caught its cancellation):
+                        # the caller gets the 504, not an answer it no longer waits for.
+                        state[1] = True
+                        return
+                    state[0] = message["status"]
+                elif state[1]:
+                    return
+                elif kind == "http.response.body" and not message.get("more_body", False):
+                    # Answered in time. What the app does next (background tasks) is
+                    # not the caller's to wait for: no deadline bounds it.
+                    bucket.discard(expiry)
+                    _deadline.set(None)
+                await send(message)
+
             try:
                 await self.app(scope, receive, watch)
             except asyncio.CancelledError:
@@ -781,10 +773,6 @@ class DeadlineMiddleware:
             if span is not None:
                 span.set(_DEADLINE_EXCEEDED if exceeded else _DEADLINE_MET)
                 span.end(state[0], error)
-
-
-async def _nothing() -> None:
-    """What a dropped message's send awaits."""
 
 
 _DEADLINE_EXCEEDED = {"reskit.deadline.exceeded": True}
