@@ -395,7 +395,7 @@ def test_without_a_deadline_wait_max_bounds_retry_after(
 
 
 def test_the_deadline_cuts_a_slow_upstream_short(
-    up: tuple[Upstream, str], drivers: Callable[..., Driver]
+    up: tuple[Upstream, str], drivers: Callable[..., Driver], mode: str
 ) -> None:
     app, url = up
     app.answer("/r", Answer(200, gate=threading.Event()))
@@ -403,6 +403,9 @@ def test_the_deadline_cuts_a_slow_upstream_short(
     with pytest.raises(reskit.TimeoutExceeded) as caught:
         client.request("GET", "/r")
     assert caught.value.kind == "deadline"
+    if mode == "sync":
+        # httpx's own timeout cut the attempt (async cancels it): chained as the cause.
+        assert type(caught.value.__cause__).__name__ == "ReadTimeout"
     assert app.count("/r") == 1
     assert 0 < int(app.seen[0].headers["x-request-timeout-ms"]) <= 300
 
@@ -779,3 +782,45 @@ def test_the_header_layout_probe_accepts_httpx_and_refuses_other_layouts() -> No
     assert not _entries_laid_out(types.SimpleNamespace(Headers=Headers))
     assert not _entries_laid_out(types.SimpleNamespace(Headers=Listed))
     assert not _entries_laid_out(types.SimpleNamespace())  # no Headers at all
+
+
+def test_a_hosts_breaker_carries_every_setting_of_the_policys() -> None:
+    """The per-host breakers are clones: every argument of CircuitBreaker() is carried
+    over (a new one would be caught here), with only the name and the state new."""
+    import inspect
+
+    from reskit._http_client import clone_breaker
+
+    class Listener:
+        def state_change(self, breaker: Any, old: Any, new: Any) -> None:
+            pass
+
+    listener = Listener()
+    template = reskit.CircuitBreaker(
+        7,
+        12.0,
+        exclude=[KeyError],
+        success_threshold=2,
+        listeners=[listener],
+        name="api",
+        failure_rate=0.3,
+        window=40,
+        window_seconds=20,
+        minimum_calls=9,
+        slow_call_duration=1.5,
+        slow_call_rate=0.6,
+        half_open_max_calls=3,
+        max_half_open_wait=4.0,
+        on_result=lambda result: result is None,
+        shared=True,
+    )
+    clone = clone_breaker(template, "api example.com:443")
+    public = {"exclude": "excluded_exceptions"}
+    for parameter in inspect.signature(reskit.CircuitBreaker).parameters:
+        if parameter == "name":
+            continue
+        attribute = public.get(parameter, parameter)
+        assert getattr(clone, attribute) == getattr(template, attribute), parameter
+    assert clone.name == "api example.com:443"
+    assert clone.listeners == (listener,)
+    assert clone is not template

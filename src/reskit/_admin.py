@@ -77,15 +77,11 @@ class AdminCore:
 
     def actor(self, authorization: list[str]) -> str:
         """The actor whose token the request carries; raises a 401 or 403 :class:`Problem`."""
-        if len(authorization) != 1:
-            raise _problem(
-                401,
-                "unauthorized",
-                "Authentication required",
-                "Send one 'Authorization: Bearer <token>' header.",
-            )
-        scheme, _, token = authorization[0].strip().partition(" ")
-        # A comma is how a WSGI server joins a repeated header; no bearer token has one.
+        scheme, token = "", ""
+        if len(authorization) == 1:
+            scheme, _, token = authorization[0].strip().partition(" ")
+        # None, or several (a comma is how a WSGI server joins a repeated header; no
+        # bearer token has one), or not a bearer token: the same answer.
         if scheme.lower() != "bearer" or not token.strip() or "," in token:
             raise _problem(
                 401,

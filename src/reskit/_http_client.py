@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 from . import _clock, _fork, _telemetry
 from ._breaker import BreakerState, CircuitBreaker
@@ -51,6 +51,7 @@ __all__ = [
     "Exchange",
     "Failover",
     "Hedging",
+    "HostBreakers",
     "parse_retry_after",
 ]
 
@@ -304,6 +305,49 @@ class Try:
         self.started = _clock.now()
 
 
+class HostBreakers:
+    """A transport's breakers: one per host (authority), made from the policy's on first use.
+
+    With ``per_host=False`` every host shares the policy's own breaker; without
+    one in the policy there is none. A transport holds this from its
+    construction, so breakers asked for before its first request are the ones
+    its requests use.
+    """
+
+    __slots__ = ("__weakref__", "_by_host", "_lock", "name", "per_host", "template")
+
+    def __init__(self, template: CircuitBreaker | None, per_host: bool, name: str) -> None:
+        self.template = template
+        self.per_host = per_host
+        self.name = name
+        self._by_host: dict[str, CircuitBreaker] = {}
+        self._lock = threading.Lock()
+        _fork.track(self)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+    def get(self, authority: str) -> CircuitBreaker | None:
+        """The breaker of ``authority`` (``"host:port"``)."""
+        template = self.template
+        if template is None or not self.per_host:
+            return template
+        breaker = self._by_host.get(authority)
+        if breaker is None:
+            with self._lock:
+                breaker = self._by_host.get(authority)
+                if breaker is None:
+                    breaker = self._by_host[authority] = clone_breaker(
+                        template, f"{self.name} {authority}"
+                    )
+        return breaker
+
+    def made(self) -> dict[str, CircuitBreaker]:
+        """The per-host breakers made so far, by authority."""
+        with self._lock:
+            return dict(self._by_host)
+
+
 class Core:
     """A transport's shared state and decisions; the drivers hold one each."""
 
@@ -313,8 +357,7 @@ class Core:
         *,
         name: str,
         attempt_timeout: float | None,
-        breaker: CircuitBreaker | None,
-        breaker_per_host: bool,
+        hosts: HostBreakers,
         retry_statuses: Collection[int],
         retry_methods: Collection[str],
         idempotency_key: bool | Callable[[Any], str],
@@ -323,7 +366,6 @@ class Core:
         retryable_errors: tuple[type[BaseException], ...],
         deadline_header: str | None = DEADLINE_HEADER,
         deadline_reserve: float = 0.0,
-        breakers: dict[str, CircuitBreaker] | None = None,
     ) -> None:
         self.lib = lib
         self.deadline_header = deadline_header
@@ -333,21 +375,18 @@ class Core:
         self.deadline_reserve = deadline_reserve
         self.name = name
         self.attempt_timeout = attempt_timeout
-        self.template = breaker
-        self.breaker_per_host = breaker_per_host
+        self.hosts = hosts
         self.statuses = frozenset(retry_statuses)
         self.methods = frozenset(m.upper() for m in retry_methods)
         self.idempotency_key = idempotency_key
         self.failover = failover
         self.hedging = hedging
         self.retryable_errors = retryable_errors
-        # Breakers made before the transport knew its library are carried over.
-        self._breakers: dict[str, CircuitBreaker] = breakers if breakers is not None else {}
         self._lock = threading.Lock()
         self.endpoints: tuple[_Endpoint, ...] = ()
         if failover is not None:
             self.endpoints = tuple(
-                _Endpoint(e, self.breaker_for(_authority(e)))
+                _Endpoint(e, hosts.get(_authority(e)))
                 for e in (lib.URL(url) for url in failover.endpoints)
             )
         self.latencies = _Latencies(hedging.quantile if hedging is not None else 0.9)
@@ -356,27 +395,6 @@ class Core:
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
         self.latencies._lock = threading.Lock()
-
-    # -- breakers ----------------------------------------------------------------
-    def breaker_for(self, authority: str) -> CircuitBreaker | None:
-        """The breaker of a host: one per authority, made from the policy's on first use."""
-        template = self.template
-        if template is None or not self.breaker_per_host:
-            return template
-        breaker = self._breakers.get(authority)
-        if breaker is None:
-            with self._lock:
-                breaker = self._breakers.get(authority)
-                if breaker is None:
-                    breaker = self._breakers[authority] = clone_breaker(
-                        template, f"{self.name} {authority}"
-                    )
-        return breaker
-
-    @property
-    def breakers(self) -> dict[str, CircuitBreaker]:
-        with self._lock:
-            return dict(self._breakers)
 
     # -- the request ---------------------------------------------------------------
     def exchange(self, request: Any) -> Exchange:
@@ -449,7 +467,8 @@ class Core:
         if endpoint_for_breaker is not None:
             breaker = endpoint_for_breaker.breaker
         else:
-            breaker = self.breaker_for(_authority(request.url)) if self.template else None
+            hosts = self.hosts
+            breaker = hosts.get(_authority(request.url)) if hosts.template else None
         permit = breaker.admit(self.name) if breaker is not None else None
         t = Try(request, endpoint, (breaker, permit) if breaker is not None else None, ex.resend)
         ex.resend += 1
@@ -628,9 +647,12 @@ class Exchange:
             self.previous = response
         return response
 
-    def failed(self, t: Try, exc: BaseException) -> BaseException:
-        """Record a try that raised; return what to raise (``exc``, or what it became)."""
-        return self.core.finish_error(t, exc)
+    def failed(self, t: Try, exc: BaseException) -> NoReturn:
+        """Record a try that raised ``exc``; raise it, or what it became (chained to it)."""
+        error = self.core.finish_error(t, exc)
+        if error is exc:
+            raise exc
+        raise error from exc
 
     def hedge(self) -> Flow:
         """One attempt as hedged tries, as a flow of commands for the driver to execute."""
@@ -761,25 +783,29 @@ def _moved(lib: Any, request: Any, current: _Endpoint | None, target: _Endpoint 
 
 
 def clone_breaker(template: CircuitBreaker, name: str) -> CircuitBreaker:
-    """A new breaker with ``template``'s settings (and listeners), fresh state."""
+    """A new breaker with ``template``'s settings (and listeners), fresh state.
+
+    Read through the breaker's public settings; a test checks that every
+    argument of ``CircuitBreaker()`` is carried over.
+    """
     t = template
     return CircuitBreaker(
-        fail_max=t._fail_max,
-        reset_timeout=t._reset_timeout,
-        exclude=t._exclude,
-        success_threshold=t._success_threshold,
-        listeners=t._listeners,
+        fail_max=t.fail_max,
+        reset_timeout=t.reset_timeout,
+        exclude=t.excluded_exceptions,
+        success_threshold=t.success_threshold,
+        listeners=t.listeners,
         name=name,
-        failure_rate=t._failure_rate,
-        window=t._window_size,
-        window_seconds=t._window_seconds,
-        minimum_calls=t._minimum_calls,
-        slow_call_duration=t._slow_call_duration,
-        slow_call_rate=t._slow_call_rate,
-        half_open_max_calls=t._half_open_max_calls,
-        max_half_open_wait=t._max_half_open_wait,
-        on_result=t._on_result,
-        shared=t._shared,
+        failure_rate=t.failure_rate,
+        window=t.window,
+        window_seconds=t.window_seconds,
+        minimum_calls=t.minimum_calls,
+        slow_call_duration=t.slow_call_duration,
+        slow_call_rate=t.slow_call_rate,
+        half_open_max_calls=t.half_open_max_calls,
+        max_half_open_wait=t.max_half_open_wait,
+        on_result=t.on_result,
+        shared=t.shared,
     )
 
 

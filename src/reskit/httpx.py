@@ -70,7 +70,7 @@ from ._http_client import (
     Failover,
     Flow,
     Hedging,
-    clone_breaker,
+    HostBreakers,
     parse_retry_after,
 )
 from ._policy import Policy
@@ -300,8 +300,6 @@ class _Base:
         self._options: dict[str, Any] = {
             "name": policy.name or "http",
             "attempt_timeout": policy.timeout if not self._async else None,
-            "breaker": policy.breaker,
-            "breaker_per_host": breaker_per_host,
             "retry_statuses": retry_statuses,
             "retry_methods": retry_methods,
             "idempotency_key": idempotency_key,
@@ -323,7 +321,7 @@ class _Base:
         # Whether reskit made the inner transport (and so renews it in a forked child).
         self._own_inner = transport is None
         self._core: Core | None = None
-        self._early_breakers: dict[str, CircuitBreaker] = {}
+        self._hosts = HostBreakers(policy.breaker, breaker_per_host, self._options["name"])
         lib = _library(transport, library, self._async)
         if lib is not None:
             self._setup(lib)
@@ -345,7 +343,7 @@ class _Base:
         if self.inner is None:
             self.inner = self._new_inner(lib)
         errors = _retryable_errors(lib)
-        core = Core(lib, retryable_errors=errors, breakers=self._early_breakers, **self._options)
+        core = Core(lib, retryable_errors=errors, hosts=self._hosts, **self._options)
         self._retrying, self._single = _compile(self.policy, core, errors, not self._async)
         # The compiled drivers, found once: Policy.call would inspect _attempt's kind on
         # every request, a few microseconds of a transport's whole cost.
@@ -395,34 +393,14 @@ class _Base:
 
         .. versionadded:: 0.1.0
         """
-        core = self._core
-        if core is None:
-            with self._setup_lock:
-                return dict(self._early_breakers)
-        return core.breakers
+        return self._hosts.made()
 
     def breaker(self, authority: str) -> CircuitBreaker | None:
         """The breaker of ``authority`` (``"host:port"``), made on first use.
 
         .. versionadded:: 0.1.0
         """
-        core = self._core
-        if core is not None:
-            return core.breaker_for(authority)
-        # Before the first request the library is not known yet; a breaker does not
-        # depend on it, and the decisions made later take over the ones made here.
-        template = self._options["breaker"]
-        if template is None or not self._options["breaker_per_host"]:
-            return template  # type: ignore[no-any-return]
-        with self._setup_lock:
-            if self._core is not None:
-                return self._core.breaker_for(authority)
-            breaker = self._early_breakers.get(authority)
-            if breaker is None:
-                breaker = self._early_breakers[authority] = clone_breaker(
-                    template, f"{self._options['name']} {authority}"
-                )
-            return breaker
+        return self._hosts.get(authority)
 
 
 class Transport(_Base, _BaseA, _BaseB):
@@ -504,10 +482,7 @@ class Transport(_Base, _BaseA, _BaseB):
         try:
             response = self._send(t.request)
         except BaseException as exc:
-            error = ex.failed(t, exc)
-            if error is exc:
-                raise
-            raise error from exc
+            ex.failed(t, exc)
         return ex.answered(t, response)
 
     def _run(self, flow: Flow) -> Any:
@@ -679,10 +654,7 @@ class AsyncTransport(_Base, _AsyncBaseA, _AsyncBaseB):
         try:
             response = await self._send(t.request)
         except BaseException as exc:
-            error = ex.failed(t, exc)
-            if error is exc:
-                raise
-            raise error from exc
+            ex.failed(t, exc)
         return ex.answered(t, response)
 
     async def _run(self, flow: Flow) -> Any:
