@@ -123,13 +123,15 @@ def test_retries_inside_b_stop_when_the_budget_cannot_cover_another_attempt(
         stack,
         failing_c,
         a={"retry": Retry(attempts=1)},
-        b={"retry": Retry(attempts=10, wait=0.1)},
+        b={"retry": Retry(attempts=10, wait=1.0)},
     )
+    # Seconds, not milliseconds: the waits are on the fake clock, but each attempt's
+    # budget is also httpx's own timeout, in real time, on a machine that may be busy.
     with httpx.Client(base_url=a_url, timeout=10.0) as client:
-        response = client.get("/quote", headers={"X-Request-Timeout-Ms": "300"})
-    # A sends B 300 - 10 ms; B's attempts go at 0, 0.1 and 0.2 s on the fake clock, each
-    # sending what is left minus its reserve; a fourth would start past B's 290 ms.
-    assert budgets == [280, 180, 80]
+        response = client.get("/quote", headers={"X-Request-Timeout-Ms": "3000"})
+    # A sends B 3000 - 10 ms; B's attempts go at 0, 1 and 2 s on the fake clock, each
+    # sending what is left minus its reserve; a fourth would start past B's 2990 ms.
+    assert budgets == [2980, 1980, 980]
     assert response.status_code == 503
 
 
