@@ -205,3 +205,66 @@ async def test_exact_counts_with_many_tasks_and_a_queue() -> None:
     # The queue is FIFO: the first three ran, then the seven that waited, in order.
     assert admitted == list(range(10))
     assert bulkhead.in_flight == 0
+
+
+async def test_async_admission_with_an_adaptive_limit_and_a_queue_exact_counts() -> None:
+    # An adaptive bulkhead takes a free slot without a coroutine (under its lock); the
+    # admission queues only when the limit is reached, and counts every outcome.
+    bulkhead = Bulkhead(10, max_waiting=5, limit=AIMDLimit(initial=3, max_limit=10))
+    policy = Policy("edge", kill_switch=True, shed_at=2, bulkhead=bulkhead)
+    release = asyncio.Event()
+
+    async def worker() -> str:
+        try:
+            async with policy.admit():
+                await release.wait()
+                return "admitted"
+        except BulkheadFull:
+            return "rejected"
+
+    tasks = [asyncio.create_task(worker()) for _ in range(100)]
+    await asyncio.sleep(0)
+    assert (bulkhead.in_flight, bulkhead.waiting) == (3, 5)
+    release.set()
+    results: list[Any] = await asyncio.gather(*tasks)
+    assert results.count("admitted") == 8
+    assert results.count("rejected") == 92
+    assert (bulkhead.in_flight, bulkhead.waiting) == (0, 0)
+    stats = policy.statistics
+    assert (stats.calls, stats.attempts) == (100, 8)
+    assert stats.rejections == {"bulkhead": 92}
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_the_flag_gates_of_an_admission_reject_before_the_bulkhead(
+    asynchronous: bool,
+) -> None:
+    import reskit
+
+    bulkhead = Bulkhead(2, limit=AIMDLimit(initial=2))
+    policy = Policy("flagged", kill_switch=True, shed_at=1, bulkhead=bulkhead)
+
+    async def enter() -> None:
+        if asynchronous:
+            async with policy.admit():
+                assert bulkhead.in_flight == 1
+        else:
+            with policy.admit():
+                assert bulkhead.in_flight == 1
+
+    await enter()  # switch alive, no brownout: admitted
+    reskit.kill("flagged", reason="test", actor="test")
+    try:
+        with pytest.raises(reskit.KillSwitchOff):
+            await enter()
+    finally:
+        reskit.revive("flagged", reason="test", actor="test")
+    reskit.set_brownout_level(1, reason="test", actor="test")
+    try:
+        with pytest.raises(reskit.Shed):
+            await enter()
+    finally:
+        reskit.set_brownout_level(0, reason="test", actor="test")
+    await enter()
+    assert bulkhead.in_flight == 0  # a refused entry never held a slot
+    assert policy.statistics.rejections == {"kill_switch": 1, "brownout": 1}

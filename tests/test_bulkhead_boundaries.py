@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from reskit import Bulkhead, BulkheadFull
+from reskit import AIMDLimit, Bulkhead, BulkheadFull
 from reskit.testing import FakeClock
 
 
@@ -601,3 +601,31 @@ async def test_a_cancelled_waiter_leaves_no_empty_queue_for_the_adaptive_cap() -
     for held in (permit, held_b):
         bulkhead.record(held, None, 0.0)
     assert (bulkhead.in_flight, bulkhead.waiting, bulkhead.partitions) == (0, 0, 0)
+
+
+def test_try_admit_with_an_adaptive_limit_takes_a_free_slot_under_the_lock() -> None:
+    bulkhead = Bulkhead(4, limit=AIMDLimit(initial=2, max_limit=4))
+    # Unlike the lock-free path, slots never handed out are handed out here.
+    first = bulkhead.try_admit("p")
+    assert bulkhead.name == "p"  # named, as admit() names it: the occupancy gauge needs it
+    second = bulkhead.try_admit("p")
+    assert first is not None
+    assert second is not None
+    assert bulkhead.in_flight == 2
+    assert bulkhead.try_admit("p") is None  # the adaptive limit (2), not the 4 slots
+    assert bulkhead.in_flight == 2
+    bulkhead.record(first, None, 0.0)
+    bulkhead.record(second, None, 0.0)
+    assert bulkhead.in_flight == 0
+
+
+def test_try_admit_takes_a_slot_of_an_existing_keyed_partition() -> None:
+    bulkhead = Bulkhead(2, key=lambda tenant: tenant)
+    held = bulkhead.admit("p", "acme")  # makes the partition
+    other = bulkhead.try_admit("p", "acme")
+    assert other is held  # the partition is the permit
+    assert bulkhead.try_admit("p", "acme") is None  # its two slots are in use
+    assert bulkhead.try_admit("p", "globex") is None  # no partition yet: admit() makes it
+    bulkhead.record(held, None, 0.0)
+    bulkhead.record(other, None, 0.0)
+    assert bulkhead.in_flight == 0

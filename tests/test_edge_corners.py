@@ -246,3 +246,45 @@ def test_a_path_is_under_one_policy_when_prefixes_differ_by_a_slash() -> None:
     with running_uvicorn(app) as url, httpx.Client(base_url=url, timeout=WAIT) as client:
         statuses = {client.get(path).status_code for path in ("/api", "/api/orders")}
     assert len(statuses) == 1
+
+
+async def test_a_request_cancelled_while_queued_for_a_slot_ends_its_span(spans: Any) -> None:
+    # An outer deadline (or a server shutting down) cancels a request that waits in the
+    # bulkhead's queue: it holds no slot, leaves the queue, and its server span still ends.
+    import asyncio
+
+    started = asyncio.Event()
+    bulkhead = reskit.Bulkhead(1, max_waiting=2)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        started.set()
+        await asyncio.Event().wait()  # holds its slot until cancelled
+
+    shed = reskit.asgi.ShedMiddleware(app, routes={"/": Policy("queued", bulkhead=bulkhead)})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    def request() -> dict[str, Any]:
+        return {"type": "http", "method": "GET", "path": "/x", "headers": [], "scheme": "http"}
+
+    holder = asyncio.create_task(shed(request(), receive, send))
+    await started.wait()
+    queued = asyncio.create_task(shed(request(), receive, send))
+    while bulkhead.waiting == 0:
+        await asyncio.sleep(0)
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert (bulkhead.in_flight, bulkhead.waiting) == (1, 0)
+    ended = spans.spans()
+    assert len(ended) == 1
+    assert ended[0].status.description == "CancelledError"
+    holder.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await holder
+    assert bulkhead.in_flight == 0
+    assert len(spans.spans()) == 2

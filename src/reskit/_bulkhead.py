@@ -436,18 +436,29 @@ class Bulkhead:
         args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> _Partition | None:
-        """Take a free slot at once, without the lock, or return ``None``.
+        """Take a free slot at once, or return ``None``.
 
-        Only the default partition of a bulkhead without an adaptive limit has
-        this path; ``None`` means "call :meth:`admit` or :meth:`admit_async`",
-        which queue, reject or admit under the lock (and run the key function).
-        Never raises, never waits.
+        The default partition of a bulkhead without an adaptive limit takes
+        it without the lock; an adaptive limit, or a ``key`` whose partition
+        exists, takes the lock. ``None`` means "call :meth:`admit` or
+        :meth:`admit_async`", which queue, reject or admit (and run the key
+        function, and make a new key's partition). Never raises, never waits.
 
         .. versionadded:: 0.1.0
         """
-        if key is None and fn is not None and self._key is not None:
-            return None  # the key function decides the partition: admit_async runs it
-        return self._take(key)
+        if key is None:
+            if fn is not None and self._key is not None:
+                return None  # the key function decides the partition: admit_async runs it
+            if self._lock_free:
+                return self._take(None)
+        # An async caller queues in a coroutine: one taking a free slot need not.
+        with self._lock:
+            part = self._default if key is None else self._partitions.get(key)
+            if part is not None and self._grant_now_locked(part):
+                if self._name is None:
+                    self._name = policy_name  # as admit() would: the gauge's name
+                return part
+        return None
 
     def _take(self, key: str | None) -> _Partition | None:
         if key is None and self._lock_free:
@@ -613,7 +624,8 @@ class Bulkhead:
                 woken = self._grant_locked(permit)
             else:
                 woken = None  # pragma: no mutate (any false value: nobody to wake)
-                self._reclaim_locked(permit)
+                if permit is not self._default:  # the default partition is never dropped
+                    self._reclaim_locked(permit)
         if woken:
             for waiter in woken:
                 waiter.wake(self)
@@ -621,6 +633,16 @@ class Bulkhead:
             raise error
 
     # -- decisions (shared by the sync and async paths) ----------------------
+    def _grant_now_locked(self, part: _Partition) -> bool:
+        """Take a slot of ``part`` for a newcomer, with the lock held, if one is free to take."""
+        # Slots are handed straight to waiters, so a partition with a free slot
+        # has no admissible waiter; ``not part.waiters`` guards it.
+        if not part.waiters and self._in_flight < self._global_cap and _take_slot_locked(part):
+            if self._adaptive is not None:
+                self._in_flight += 1
+            return True
+        return False
+
     def _try_acquire(
         self, policy_name: str | None, key: str | None, asynchronous: bool
     ) -> _Partition | _Waiter:
@@ -640,15 +662,7 @@ class Bulkhead:
                 )
                 retry_after = self._retry_after_locked(0)
             else:
-                # Slots are handed straight to waiters, so a partition with a
-                # free slot has no admissible waiter; ``not part.waiters`` guards it.
-                if (
-                    not part.waiters
-                    and self._in_flight < self._global_cap
-                    and _take_slot_locked(part)
-                ):
-                    if self._adaptive is not None:
-                        self._in_flight += 1
+                if self._grant_now_locked(part):
                     return part
                 quota = _over_quota(part)
                 reason, retry_after, waiter = self._enqueue_locked(part, asynchronous)

@@ -22,6 +22,8 @@ from ._errors import BulkheadFull, Rejected
 from ._http import Problem
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
     from ._policy import Policy
 
 __all__ = [
@@ -334,6 +336,7 @@ class _Otel:
     def __init__(self) -> None:
         from opentelemetry import context, propagate
         from opentelemetry.trace import (
+            INVALID_SPAN,
             SpanKind,
             Status,
             StatusCode,
@@ -345,6 +348,7 @@ class _Otel:
         self.detach = context.detach
         self.extract = propagate.extract
         self.current = get_current_span
+        self.INVALID = INVALID_SPAN
         self.in_context = set_span_in_context
         self.SERVER = SpanKind.SERVER
         self.Status = Status
@@ -352,18 +356,27 @@ class _Otel:
 
 
 _api: _Otel | None = None
+# ServerSpan.begin's "source not given: look it up".
+_LOOK = object()
 # The server span reskit started for the request in progress, so the middleware
 # inside the one that started it adds to it without asking OpenTelemetry.
 _request_span: ContextVar[ServerSpan | None] = ContextVar("reskit_server_span", default=None)
 
 
-def spans_wanted() -> bool:
-    """Whether a request may record on a span: one is in progress, or a tracer is set.
+def span_source() -> ServerSpan | Tracer | None:
+    """What a request's span would record on: ``None`` when nothing records.
 
-    Checked before gathering what :meth:`ServerSpan.begin` needs, which a
-    service without tracing would gather on every request for nothing.
+    The server span of an outer reskit middleware, else the tracer in force.
+    Asked before gathering what :meth:`ServerSpan.begin` needs (which a
+    service without tracing would gather on every request for nothing), and
+    handed on to it, which spares it the same two lookups.
     """
-    return _request_span.get() is not None or _telemetry.tracer() is not None
+    outer = _request_span.get()
+    if outer is not None:
+        return outer
+    if not _telemetry.watch.trace_resolved and _telemetry._TRACE not in _telemetry._modules:
+        return None  # tracer()'s first answer, inline: the OpenTelemetry API is not in use
+    return _telemetry.tracer()
 
 
 class ServerSpan:
@@ -391,29 +404,36 @@ class ServerSpan:
         scheme: str,
         headers: Callable[[], Mapping[str, str]] | None,
         attributes: dict[str, Any] | None = None,
+        source: object = _LOOK,
     ) -> ServerSpan | None:
         """The span to record this request on, or ``None`` when nothing records.
 
         ``headers`` gives the request's headers for the propagator, or is
-        ``None`` when the request carries no ``traceparent``.
+        ``None`` when the request carries no ``traceparent``. ``source`` is
+        what :func:`span_source` returned, when the caller has asked it.
         """
-        outer = _request_span.get()
-        if outer is not None:
+        if source is _LOOK:
+            source = span_source()
+        if source is None:
+            return None
+        if type(source) is ServerSpan:
             # The outer middleware's span, recorded or sampled out alike: this request
             # has its span, and a second one would start a trace of its own.
             if attributes:
-                outer.set(attributes)
-            return cls(outer.span)
-        tracer = _telemetry.tracer()
-        if tracer is None:
-            return None
+                source.set(attributes)
+            return cls(source.span)
+        tracer: Any = source
         global _api
         try:
             api = _api if _api is not None else _Otel()
             _api = api
             current = api.current()
             parent = None  # the current context: an active trace goes on
-            if current.get_span_context().is_valid:
+            if current is api.INVALID:
+                # No span at all (the usual case without the instrumentation).
+                if headers is not None:
+                    parent = api.extract(headers())
+            elif current.get_span_context().is_valid:
                 if not current.is_recording():
                     return None  # the instrumentation's span, sampled out: so is the request
                 if getattr(current, "kind", None) is api.SERVER:

@@ -29,7 +29,7 @@ import math
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Collection, Generator, Sequence
+from collections.abc import Callable, Collection, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NoReturn, TypeAlias
@@ -451,15 +451,19 @@ class Core:
                     timeout=limit,
                     kind="deadline",
                 )
-            timeouts = request.extensions.get("timeout")
+            extensions = request.extensions
+            timeouts = extensions.get("timeout")
             if timeouts is None:
-                shrunk = dict.fromkeys(_PHASES, limit)
-            else:
+                extensions = {**extensions, "timeout": dict.fromkeys(_PHASES, limit)}
+            elif not _within(timeouts, limit):
                 shrunk = {}
                 for phase in _PHASES:
                     given = timeouts.get(phase)
                     shrunk[phase] = limit if given is None or given > limit else given
-            request.extensions = {**request.extensions, "timeout": shrunk}
+                extensions = {**extensions, "timeout": shrunk}
+            # else: the client's own timeouts are already tighter (httpx's default 5 s
+            # against the standard 10 s attempt): the request keeps them as they are.
+            request.extensions = extensions
             self._propagate(headers, ms, ex)
         else:
             self._propagate(headers, None, ex)
@@ -711,6 +715,15 @@ class Exchange:
 
 
 _PHASES = ("connect", "read", "write", "pool")
+
+
+def _within(timeouts: Mapping[str, Any], limit: float) -> bool:
+    """Whether every phase of httpx's ``timeouts`` is already set and no longer than ``limit``."""
+    for phase in _PHASES:
+        given = timeouts.get(phase)
+        if given is None or given > limit:
+            return False
+    return True
 
 
 def _tighter(given: str | bytes | None, ms: int | None) -> bool:

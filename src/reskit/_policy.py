@@ -450,10 +450,16 @@ class Admission:
                 assert row.keyword is not None
                 value = getattr(policy, row.keyword)
                 if value is not None:
-                    found.append(row.gate(value) if row.gate is not None else value)
+                    gate = row.gate(value) if row.gate is not None else value
+                    # The gate protocol's flag gates (kill switch, brownout) keep no
+                    # permit: their flag is read inline and admit asked only while it
+                    # is up, as the compiled drivers do.
+                    flag = None if getattr(gate, "records", True) else gate.flag
+                    found.append((gate, flag, bool(gate.waits)))
             gates = tuple(found)
             object.__setattr__(policy, "_outer", gates)
-        self._gates: tuple[Any, ...] = gates
+        #: (gate, its flag or None, whether it may queue), in the canonical order.
+        self._gates: tuple[tuple[Any, Any, bool], ...] = gates
         self._permits: list[Any] | None = None
         self._started = 0.0
 
@@ -461,8 +467,11 @@ class Admission:
         if self._permits is not None:
             raise RuntimeError("a policy admission is used once; call policy.admit() again")
         # Notices telemetry configured since the last look, so the gates' gauges
-        # appear for code that only admits (as a decorated call would).
-        _telemetry.sink()
+        # appear for code that only admits (as a decorated call would). Without the
+        # OpenTelemetry API imported there is nothing to notice (the drivers' test).
+        t = _telemetry
+        if not (t.watch.blank and t._TRACE not in t._modules and t._METRICS not in t._modules):
+            t.sink()
         self._policy._counters.calls += 1
         self._permits = []
         return self._permits
@@ -472,42 +481,86 @@ class Admission:
         permits = self._permits or []
         self._permits = _GIVEN_BACK
         granted = self._gates[: len(permits)]
-        for gate, permit in zip(reversed(granted), reversed(permits), strict=True):
-            gate.record(permit, exc, 0.0)
+        for (gate, flag, _), permit in zip(reversed(granted), reversed(permits), strict=True):
+            if flag is None:
+                gate.record(permit, exc, 0.0)
         self._policy._counters.ended(exc)
 
     def __enter__(self) -> Admission:
         permits = self._begin()
+        name = self._name
+        key = self._key
         try:
-            for gate in self._gates:
-                permits.append(gate.admit(self._name, self._key))
+            for gate, flag, _ in self._gates:
+                if flag is None:
+                    permits.append(gate.admit(name, key))
+                else:
+                    if flag.up:
+                        gate.admit(name, key)
+                    permits.append(None)
         except BaseException as exc:
             self._refused(exc)
             raise
-        self._admitted()
+        self._policy._counters.attempts += 1
+        self._started = _clock.now()
         return self
 
     async def __aenter__(self) -> Admission:
-        permits = self._begin()
+        if not self._enter_at_once():
+            await self._enter_waiting()
+        return self
+
+    def _enter_at_once(self) -> bool:
+        """Enter without awaiting, if every gate grants at once; False when one must queue.
+
+        Then :meth:`_enter_waiting` goes on from that gate. Split from
+        :meth:`__aenter__` so middleware admits a request without making a
+        coroutine for it, as the compiled drivers do: a free permit is the
+        common case, and a coroutine per request is a measurable part of the
+        cost of a small one.
+        """
+        self._begin()
+        return self._enter_from(0)
+
+    async def _enter_waiting(self) -> None:
+        """Finish an entry :meth:`_enter_at_once` left at a gate that must queue."""
+        permits = self._permits
+        assert permits is not None
+        while True:
+            at = len(permits)
+            try:
+                permits.append(await self._gates[at][0].admit_async(self._name, self._key))
+            except BaseException as exc:
+                self._refused(exc)
+                raise
+            if self._enter_from(at + 1):
+                return
+
+    def _enter_from(self, at: int) -> bool:
+        """Enter the gates from number ``at`` on; False at one that must queue."""
+        permits = self._permits
+        assert permits is not None
+        name = self._name
+        key = self._key
         try:
-            for gate in self._gates:
-                permit = None
-                if gate.waits:
-                    permit = gate.try_admit(self._name, self._key)
+            for gate, flag, waits in self._gates[at:]:
+                if flag is not None:
+                    if flag.up:
+                        gate.admit(name, key)
+                    permit = None
+                elif waits:
+                    permit = gate.try_admit(name, key)
                     if permit is None:
-                        permit = await gate.admit_async(self._name, self._key)
+                        return False
                 else:
-                    permit = gate.admit(self._name, self._key)
+                    permit = gate.admit(name, key)
                 permits.append(permit)
         except BaseException as exc:
             self._refused(exc)
             raise
-        self._admitted()
-        return self
-
-    def _admitted(self) -> None:
         self._policy._counters.attempts += 1
         self._started = _clock.now()
+        return True
 
     def _release(self, exc: BaseException | None) -> None:
         permits = self._permits
@@ -522,11 +575,13 @@ class Admission:
         # (a faulty custom adaptive limit); the first such error is raised afterwards.
         error: BaseException | None = None
         for index in range(len(permits) - 1, -1, -1):
-            try:
-                gates[index].record(permits[index], exc, duration)
-            except BaseException as failed:
-                if error is None:
-                    error = failed
+            gate, flag, _ = gates[index]
+            if flag is None:
+                try:
+                    gate.record(permits[index], exc, duration)
+                except BaseException as failed:
+                    if error is None:
+                        error = failed
         if error is not None:
             raise error
 

@@ -24,10 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 from . import _admin, _clock, _edge, _telemetry
 from . import _idempotency_http as _http
-from ._context import _deadline, enter_correlation_id, exit_correlation_id, new_correlation_id
+from ._context import (
+    CORRELATION_ID_PATTERN,
+    _deadline,
+    enter_correlation_id,
+    exit_correlation_id,
+    new_correlation_id,
+)
 from ._errors import Rejected, TimeoutExceeded
 from ._http import Problem
 from ._idempotency import IdempotencyStore, _keeper, _lost_claim, aclaim_shielded, store_for
+from ._policy import Admission
 from ._timeout import Expiry, expired, grain_for, settle, wheel_for
 
 if TYPE_CHECKING:
@@ -444,7 +451,10 @@ class CorrelationIdMiddleware:
             elif length == 11 and (key == b"traceparent" or key.lower() == b"traceparent"):
                 parents.append(raw.decode("latin-1"))
         try:
-            cid = settings.choose(values, parents)
+            if len(values) == 1 and CORRELATION_ID_PATTERN.fullmatch(values[0]) is not None:
+                cid = values[0]  # choose()'s common case, inline
+            else:
+                cid = settings.choose(values, parents)
         except Problem as problem:
             code, answer, body = problem.response()
             answer.append((settings.header, new_correlation_id()))
@@ -468,8 +478,11 @@ class CorrelationIdMiddleware:
         tokens = enter_correlation_id(cid)
         error: BaseException | None = None
         span = None
-        if _edge.spans_wanted():
-            span = _server_span(scope, {"reskit.correlation_id": cid}, propagated=bool(parents))
+        source = _edge.span_source()
+        if source is not None:
+            span = _server_span(
+                scope, {"reskit.correlation_id": cid}, propagated=bool(parents), source=source
+            )
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
@@ -566,15 +579,20 @@ class ShedMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        policy = self.routes.match(_route_path(scope))
+        path = scope["path"]
+        root = scope.get("root_path")
+        policy = self.routes.match(_edge.route_path(path, root) if root else path)
         if policy is None:
             await self.app(scope, receive, send)
             return
         key = None if self.tenant is None else _edge.check_tenant(self.tenant(scope))
-        span = _server_span(scope) if _edge.spans_wanted() else None
-        admission = policy.admit(key)
+        source = _edge.span_source()
+        span = None if source is None else _server_span(scope, source=source)
+        # What policy.admit(key) makes, without its check of a key checked above.
+        admission = Admission(policy, key)
         try:
-            await admission.__aenter__()
+            if not admission._enter_at_once():
+                await admission._enter_waiting()
         except Rejected as exc:
             problem = _edge.rejection(exc, self.retry_after)
             if span is not None:
@@ -585,6 +603,21 @@ class ShedMiddleware:
                 if span is not None:
                     span.end(problem.status, None)
             return
+        except BaseException as exc:
+            # Cancelled (or failed) while queued for a slot: the request still ends its span.
+            if span is not None:
+                span.end(None, exc)
+            raise
+        # Only a span this middleware started needs the status from here (and ends
+        # here); an outer middleware's (or the instrumentation's) span is theirs.
+        if span is None or not span.own:
+            try:
+                await self.app(scope, receive, send)
+            except BaseException as exc:
+                admission._release(exc)
+                raise
+            admission._release(None)
+            return
         answered: list[int] = []  # the status, once the response starts
 
         async def watch(message: Message) -> None:
@@ -592,31 +625,32 @@ class ShedMiddleware:
                 answered.append(message["status"])
             await send(message)
 
-        # Only a span this middleware started needs the status from here; an outer
-        # middleware's (or the instrumentation's) span gets it where it was started.
         try:
-            await self.app(scope, receive, watch if span is not None and span.own else send)
+            await self.app(scope, receive, watch)
         except BaseException as exc:
             try:
                 admission._release(exc)
             finally:
-                if span is not None:
-                    span.end(answered[0] if answered else None, exc)
+                span.end(answered[0] if answered else None, exc)
             raise
         try:
             admission._release(None)
         finally:
-            if span is not None:
-                span.end(answered[0] if answered else None, None)
+            span.end(answered[0] if answered else None, None)
 
 
 def _server_span(
-    scope: Scope, attributes: dict[str, Any] | None = None, *, propagated: bool = True
+    scope: Scope,
+    attributes: dict[str, Any] | None = None,
+    *,
+    propagated: bool = True,
+    source: Any,
 ) -> _edge.ServerSpan | None:
     """The request's server span (see :class:`reskit._edge.ServerSpan`).
 
-    Called only when :func:`reskit._edge.spans_wanted` says something records;
-    ``propagated=False`` when the request carries no ``traceparent`` to continue.
+    Called only when :func:`reskit._edge.span_source` found something that
+    records (``source``); ``propagated=False`` when the request carries no
+    ``traceparent`` to continue.
     """
     return _edge.ServerSpan.begin(
         scope["method"],
@@ -624,6 +658,7 @@ def _server_span(
         scope.get("scheme", "http"),
         (lambda: _text_headers(scope)) if propagated else None,
         attributes,
+        source,
     )
 
 
@@ -703,8 +738,9 @@ class DeadlineMiddleware:
         if outer is not None and outer < when:
             when = outer  # never past a deadline already in force (a test, an outer app)
         span = None
-        if _edge.spans_wanted():
-            span = _server_span(scope, settings.attributes(now, when, received))
+        source = _edge.span_source()
+        if source is not None:
+            span = _server_span(scope, settings.attributes(now, when, received), source=source)
         # [status, late]: one cell for the sender below, cheaper than two nonlocals.
         state: list[Any] = [None, False]
         error: BaseException | None = None

@@ -792,13 +792,15 @@ class DeadlineMiddleware:
         now = _clock.now()
         when = self.settings.until(now, budget)
         span = None
-        if _edge.spans_wanted():
+        source = _edge.span_source()
+        if source is not None:
             span = _edge.ServerSpan.begin(
                 environ.get("REQUEST_METHOD", "GET"),
                 environ.get("PATH_INFO", ""),
                 environ.get("wsgi.url_scheme", "http"),
                 lambda: _text_headers(environ),
                 self.settings.attributes(now, when, received),
+                source,
             )
         exchange = _Watched(span, when)
         if when <= now:
