@@ -103,9 +103,7 @@ def enter_correlation_id(value: str) -> tuple[Token[str | None], dict[str, Any] 
     """Bind a checked ID until :func:`exit_correlation_id`; what middleware uses per request."""
     token = _correlation_id.set(value)
     try:
-        # _bind_for_logs inline: this runs on every request.
-        bind = getattr(sys.modules.get("structlog.contextvars"), "bind_contextvars", None)
-        return token, None if bind is None else bind(correlation_id=value)
+        return token, _bind_for_logs(value)
     except BaseException:
         _correlation_id.reset(token)
         raise

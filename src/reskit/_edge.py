@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _telemetry
 from ._config import seconds
-from ._context import _deadline, new_correlation_id, valid_correlation_id
+from ._context import CORRELATION_ID_PATTERN, _deadline, new_correlation_id
 from ._errors import BulkheadFull, Rejected
 from ._http import Problem
 
@@ -92,7 +92,8 @@ class CorrelationSettings:
         ``[A-Za-z0-9._-]{1,128}``; repeated headers are never merged (a WSGI
         server folds them with a comma, which the pattern refuses).
         """
-        if len(values) == 1 and valid_correlation_id(values[0]):
+        # The values are text already: the pattern alone decides (valid_correlation_id).
+        if len(values) == 1 and CORRELATION_ID_PATTERN.fullmatch(values[0]) is not None:
             return values[0]
         if self.use_traceparent:
             trace_id = trace_id_of(traceparents)
@@ -228,8 +229,6 @@ def rejection(exc: Rejected, retry_after: int) -> Problem:
 
 #: The header a caller's remaining budget arrives in, in whole milliseconds.
 DEADLINE_HEADER = "X-Request-Timeout-Ms"
-# Whole milliseconds, at most ten digits (115 days): a longer run of digits is hostile.
-_MILLIS = re.compile(r"[0-9]{1,10}")
 
 
 class DeadlineSettings:
@@ -265,12 +264,9 @@ class DeadlineSettings:
         ignored as if absent. ``maximum`` caps what was received; without a
         usable header the request gets ``default``.
         """
-        received = None
-        if len(values) == 1:
-            text = values[0].strip(" \t")  # HTTP's whitespace around a field value
-            if _MILLIS.fullmatch(text) is not None:
-                received = int(text) / 1000.0
-        return self._grant(received)
+        if len(values) != 1:
+            return self.default, None
+        return self._grant(values[0].strip(" \t"))  # HTTP's whitespace around a value
 
     def budget_in(self, pairs: Iterable[tuple[bytes, bytes]]) -> tuple[float | None, float | None]:
         """:meth:`budget` read straight from ASGI header pairs, on every request's path."""
@@ -285,15 +281,15 @@ class DeadlineSettings:
                 found = value
         if found is None:
             return self.default, None
-        text = found.strip(b" \t")  # HTTP's whitespace around a field value
-        # bytes.isdigit() is true only for ASCII digits; ten of them are 115 days.
-        if not (text.isdigit() and len(text) <= 10):
-            return self.default, None
-        return self._grant(int(text) / 1000.0)
+        return self._grant(found.strip(b" \t"))  # HTTP's whitespace around a value
 
-    def _grant(self, received: float | None) -> tuple[float | None, float | None]:
-        if received is None:
+    def _grant(self, text: str | bytes) -> tuple[float | None, float | None]:
+        """``(budget, received)`` for the header's one value, stripped (text or bytes)."""
+        # Whole milliseconds: ASCII digits only (str.isdigit also takes other scripts'),
+        # at most ten of them (115 days); a longer run of digits is hostile.
+        if not (text.isdigit() and text.isascii() and len(text) <= 10):
             return self.default, None
+        received = int(text) / 1000.0
         if self.maximum is not None and received > self.maximum:
             return self.maximum, received
         return received, received
@@ -372,11 +368,7 @@ def span_source() -> ServerSpan | Tracer | None:
     handed on to it, which spares it the same two lookups.
     """
     outer = _request_span.get()
-    if outer is not None:
-        return outer
-    if not _telemetry.watch.trace_resolved and _telemetry._TRACE not in _telemetry._modules:
-        return None  # tracer()'s first answer, inline: the OpenTelemetry API is not in use
-    return _telemetry.tracer()
+    return outer if outer is not None else _telemetry.tracer()
 
 
 class ServerSpan:

@@ -451,19 +451,9 @@ class Core:
                     timeout=limit,
                     kind="deadline",
                 )
-            extensions = request.extensions
-            timeouts = extensions.get("timeout")
-            if timeouts is None:
-                extensions = {**extensions, "timeout": dict.fromkeys(_PHASES, limit)}
-            elif not _within(timeouts, limit):
-                shrunk = {}
-                for phase in _PHASES:
-                    given = timeouts.get(phase)
-                    shrunk[phase] = limit if given is None or given > limit else given
-                extensions = {**extensions, "timeout": shrunk}
-            # else: the client's own timeouts are already tighter (httpx's default 5 s
-            # against the standard 10 s attempt): the request keeps them as they are.
-            request.extensions = extensions
+            capped = _capped(request.extensions.get("timeout"), limit)
+            if capped is not None:
+                request.extensions = {**request.extensions, "timeout": capped}
             self._propagate(headers, ms, ex)
         else:
             self._propagate(headers, None, ex)
@@ -717,13 +707,23 @@ class Exchange:
 _PHASES = ("connect", "read", "write", "pool")
 
 
-def _within(timeouts: Mapping[str, Any], limit: float) -> bool:
-    """Whether every phase of httpx's ``timeouts`` is already set and no longer than ``limit``."""
+def _capped(timeouts: Mapping[str, Any] | None, limit: float) -> dict[str, Any] | None:
+    """httpx's per-phase ``timeouts`` with none longer than ``limit`` (unset is longer).
+
+    ``None`` when every phase already is: the request keeps its own, as it does
+    with httpx's default 5 s against the standard 10 s attempt, and nothing is
+    copied on that request's path.
+    """
+    if timeouts is None:
+        return dict.fromkeys(_PHASES, limit)
+    capped = None
     for phase in _PHASES:
         given = timeouts.get(phase)
         if given is None or given > limit:
-            return False
-    return True
+            if capped is None:
+                capped = {p: timeouts.get(p) for p in _PHASES}
+            capped[phase] = limit
+    return capped
 
 
 def _tighter(given: str | bytes | None, ms: int | None) -> bool:

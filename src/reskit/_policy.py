@@ -467,11 +467,8 @@ class Admission:
         if self._permits is not None:
             raise RuntimeError("a policy admission is used once; call policy.admit() again")
         # Notices telemetry configured since the last look, so the gates' gauges
-        # appear for code that only admits (as a decorated call would). Without the
-        # OpenTelemetry API imported there is nothing to notice (the drivers' test).
-        t = _telemetry
-        if not (t.watch.blank and t._TRACE not in t._modules and t._METRICS not in t._modules):
-            t.sink()
+        # appear for code that only admits (as a decorated call would).
+        _telemetry.sink()
         self._policy._counters.calls += 1
         self._permits = []
         return self._permits
@@ -487,22 +484,8 @@ class Admission:
         self._policy._counters.ended(exc)
 
     def __enter__(self) -> Admission:
-        permits = self._begin()
-        name = self._name
-        key = self._key
-        try:
-            for gate, flag, _ in self._gates:
-                if flag is None:
-                    permits.append(gate.admit(name, key))
-                else:
-                    if flag.up:
-                        gate.admit(name, key)
-                    permits.append(None)
-        except BaseException as exc:
-            self._refused(exc)
-            raise
-        self._policy._counters.attempts += 1
-        self._started = _clock.now()
+        self._begin()
+        self._enter_from(0, block=True)
         return self
 
     async def __aenter__(self) -> Admission:
@@ -536,8 +519,12 @@ class Admission:
             if self._enter_from(at + 1):
                 return
 
-    def _enter_from(self, at: int) -> bool:
-        """Enter the gates from number ``at`` on; False at one that must queue."""
+    def _enter_from(self, at: int, *, block: bool = False) -> bool:
+        """Enter the gates from number ``at`` on; False at one that must queue.
+
+        With ``block`` (a ``with`` block) a gate that must queue blocks this
+        thread in its ``admit`` instead, and the entry always completes.
+        """
         permits = self._permits
         assert permits is not None
         name = self._name
@@ -548,7 +535,7 @@ class Admission:
                     if flag.up:
                         gate.admit(name, key)
                     permit = None
-                elif waits:
+                elif waits and not block:
                     permit = gate.try_admit(name, key)
                     if permit is None:
                         return False

@@ -317,11 +317,9 @@ def quiet() -> bool:
 def sink() -> Sink | None:
     """Return what records calls now, or ``None`` when nothing does."""
     w = watch
-    # _global_providers() inline for the two settled cases, as the drivers test it:
-    # asked on every admission, where a call is a measurable part of the cost.
-    if w.settled:
-        tp, mp = w.trace._TRACER_PROVIDER, w.metrics._METER_PROVIDER
-    elif w.blank and _TRACE not in _modules and _METRICS not in _modules:
+    if w.blank and _TRACE not in _modules and _METRICS not in _modules:
+        # Nobody imported the API (the drivers' inline test): nothing records. Asked on
+        # every admission, where the call to _global_providers() is a part of the cost.
         tp = mp = None
     else:
         tp, mp = _global_providers()
@@ -364,18 +362,8 @@ def tracer() -> Tracer | None:
     """The tracer in force, or ``None``; a few attribute reads when there is none."""
     w = watch
     if w.trace_resolved:
-        tp = w.trace._TRACER_PROVIDER
-        if tp is None:
+        if w.trace._TRACER_PROVIDER is None:
             return None
-        if (
-            w.settled
-            and tp is _seen_tp
-            and w.metrics._METER_PROVIDER is _seen_mp
-            and _tp_override is None
-            and _mp_override is None
-        ):
-            # sink()'s own fast path, inline: a traced request asks this once or twice.
-            return None if _sink is None else _sink.tracer
     elif _TRACE not in _modules:
         return None
     found = sink()

@@ -24,13 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _admin, _clock, _edge, _telemetry
 from . import _idempotency_http as _http
-from ._context import (
-    CORRELATION_ID_PATTERN,
-    _deadline,
-    enter_correlation_id,
-    exit_correlation_id,
-    new_correlation_id,
-)
+from ._context import _deadline, enter_correlation_id, exit_correlation_id, new_correlation_id
 from ._errors import Rejected, TimeoutExceeded
 from ._http import Problem
 from ._idempotency import IdempotencyStore, _keeper, _lost_claim, aclaim_shielded, store_for
@@ -451,10 +445,7 @@ class CorrelationIdMiddleware:
             elif length == 11 and (key == b"traceparent" or key.lower() == b"traceparent"):
                 parents.append(raw.decode("latin-1"))
         try:
-            if len(values) == 1 and CORRELATION_ID_PATTERN.fullmatch(values[0]) is not None:
-                cid = values[0]  # choose()'s common case, inline
-            else:
-                cid = settings.choose(values, parents)
+            cid = settings.choose(values, parents)
         except Problem as problem:
             code, answer, body = problem.response()
             answer.append((settings.header, new_correlation_id()))
@@ -608,16 +599,6 @@ class ShedMiddleware:
             if span is not None:
                 span.end(None, exc)
             raise
-        # Only a span this middleware started needs the status from here (and ends
-        # here); an outer middleware's (or the instrumentation's) span is theirs.
-        if span is None or not span.own:
-            try:
-                await self.app(scope, receive, send)
-            except BaseException as exc:
-                admission._release(exc)
-                raise
-            admission._release(None)
-            return
         answered: list[int] = []  # the status, once the response starts
 
         async def watch(message: Message) -> None:
@@ -625,18 +606,22 @@ class ShedMiddleware:
                 answered.append(message["status"])
             await send(message)
 
+        # Only a span this middleware started needs the status from here; an outer
+        # middleware's (or the instrumentation's) span gets it where it was started.
         try:
-            await self.app(scope, receive, watch)
+            await self.app(scope, receive, watch if span is not None and span.own else send)
         except BaseException as exc:
             try:
                 admission._release(exc)
             finally:
-                span.end(answered[0] if answered else None, exc)
+                if span is not None:
+                    span.end(answered[0] if answered else None, exc)
             raise
         try:
             admission._release(None)
         finally:
-            span.end(answered[0] if answered else None, None)
+            if span is not None:
+                span.end(answered[0] if answered else None, None)
 
 
 def _server_span(
@@ -733,10 +718,7 @@ class DeadlineMiddleware:
             await self.app(scope, receive, send)
             return
         now = _clock.now()
-        when = now + budget
-        outer = _deadline.get()
-        if outer is not None and outer < when:
-            when = outer  # never past a deadline already in force (a test, an outer app)
+        when = settings.until(now, budget)
         span = None
         source = _edge.span_source()
         if source is not None:
