@@ -1,6 +1,6 @@
 """What the edge middleware costs a service in requests per second, against the bare app.
 
-Five uvicorn processes serve the same Starlette app (a JSON endpoint that does
+Five kinds of uvicorn server run the same Starlette app (a JSON endpoint that does
 a little work, as the smallest real handler would). Three without tracing:
 
 - **bare**: the app alone;
@@ -26,8 +26,10 @@ A load generator in this process keeps ``--connections`` keep-alive
 connections busy (raw HTTP/1.1 over asyncio streams: it costs a few
 microseconds a request, so the server, not the client, is what saturates) for
 a fixed time per round, rotating through the servers round by round so all see
-the same machine load. Each server's own CPU time per request gives its
-capacity. Budgets: ``stack / bare`` and ``stack_traced / traced`` at least
+the same machine load. Each kind runs as ``--replicas`` processes (each
+draws its own string-hash seed, which alone moves a process's speed by a
+percent or two), and its rate in a round is their mean. Each server's own CPU time per request
+gives its capacity. Budgets: ``stack / bare`` and ``stack_traced / traced`` at least
 0.9, ``deadline / bare`` at least 0.95 (the middleware adds at most 5% to a
 request's cost); ``--check`` exits 1 when one is below its budget divided by
 ``--margin``. Also printed, for scale: ``traced / bare`` (what the SDK's span
@@ -217,32 +219,38 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(rounds: int, seconds: float, connections: int) -> dict[str, float]:
-    servers = {name: start(name) for name in KINDS}
+def measure(rounds: int, seconds: float, connections: int, replicas: int) -> dict[str, float]:
+    # Each process draws its own string-hash seed, which lays out its dicts: one process
+    # of the same code can be a percent or two faster or slower than the next. A kind's
+    # figure is the mean of several processes, so no one draw decides it.
+    servers = {(name, number): start(name) for name in KINDS for number in range(replicas)}
     if LOAD_CPU is not None:
         os.sched_setaffinity(0, {LOAD_CPU})
     try:
-        samples: dict[str, list[float]] = {name: [] for name in servers}
-        cpu = dict.fromkeys(servers, 0.0)
-        answered = dict.fromkeys(servers, 0)
+        samples: dict[str, list[float]] = {name: [] for name in KINDS}
+        cpu = dict.fromkeys(KINDS, 0.0)
+        answered = dict.fromkeys(KINDS, 0)
         for _, port in servers.values():  # warm-up: imports, first spans, the limit
             asyncio.run(_load(port, connections, seconds / 2))
         for round_number in range(rounds):
             order = list(servers.items())
-            shift = round_number % len(order)
+            shift = round_number * replicas % len(order)
             order = order[shift:] + order[:shift]
-            for name, (process, port) in order:
+            rates: dict[str, list[float]] = {name: [] for name in KINDS}
+            for (name, _), (process, port) in order:
                 before = _cpu_seconds(process.pid)
                 count, took = asyncio.run(_load(port, connections, seconds))
                 cpu[name] += _cpu_seconds(process.pid) - before
                 answered[name] += count
-                samples[name].append(count / took)
+                rates[name].append(count / took)
+            for name, values in rates.items():
+                samples[name].append(statistics.fmean(values))
     finally:
         for process, _ in servers.values():
             process.terminate()
             process.wait(timeout=30)
     result = {name: statistics.median(values) for name, values in samples.items()}
-    for name in servers:
+    for name in KINDS:
         result[f"{name}_cpu_us"] = cpu[name] / answered[name] * 1e6 if answered[name] else 0.0
     for name, (base, _) in BUDGETS.items():
         result[f"{name}_ratio"] = result[name] / result[base]
@@ -266,12 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 under budget")
     parser.add_argument("--margin", type=float, default=1.1)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--replicas", type=int, default=3, help="server processes of each kind")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     args = parser.parse_args(argv)
+    if args.replicas < 1:
+        parser.error("--replicas must be at least 1")
     figures = measure(
-        rounds=6 if args.short else 15,
-        seconds=1.0 if args.short else 2.0,
+        rounds=4 if args.short else 10,
+        seconds=1.0 if args.short else 1.5,
         connections=args.connections,
+        replicas=args.replicas,
     )
     print(
         f"requests/s, median of rounds: bare app {figures['bare']:.0f} "

@@ -2,7 +2,8 @@
 
 The ASGI twin runs a Starlette app under uvicorn, the WSGI twin a Flask app
 under a threaded WSGI server. Time is reskit's fake clock: a budget runs out
-when the test advances the clock, never by waiting.
+when the test advances the clock, never by waiting. One test reads headers
+in process: the ASGI reader's corners, which a server would tidy first.
 """
 
 from __future__ import annotations
@@ -299,3 +300,33 @@ async def test_asgi_non_http_scopes_pass_through() -> None:
 
     await reskit.asgi.DeadlineMiddleware(app, default=1.0)({"type": "lifespan"}, None, None)
     assert seen == ["lifespan"]
+
+
+def test_the_asgi_header_reading_corners(clock: FakeClock) -> None:
+    """The one-pass ASGI reader agrees with the header's rule in every corner (in process)."""
+    from reskit import _clock
+    from reskit._context import _deadline
+    from reskit._edge import DeadlineSettings
+
+    settings = DeadlineSettings("test", HEADER, 3.0, 10.0)
+    now = _clock.now()
+    name = HEADER.lower().encode("latin-1")
+
+    def read(*values: bytes, key: bytes = name) -> tuple[float, float, float | None] | None:
+        return settings.deadline_in([(b"host", b"x"), *((key, value) for value in values)])
+
+    assert read(b"250") == (now + 0.25, now, 0.25)
+    assert read(b"250", key=HEADER.encode("latin-1")) == (now + 0.25, now, 0.25)
+    assert read(b" 250\t") == (now + 0.25, now, 0.25)  # HTTP's whitespace around it
+    assert read(b"60000") == (now + 10.0, now, 60.0)  # capped, and what was asked kept
+    assert read(b"10000") == (now + 10.0, now, 10.0)  # the maximum itself
+    assert read(b"0") == (now, now, 0.0)  # spent on arrival: the middleware answers 504
+    assert read() == (now + 3.0, now, None)  # the default
+    for values in ((b"100", b"200"), (b"100", b"100", b"100"), (b"",), (b"1" * 11,), (b"-1",)):
+        assert read(*values) == (now + 3.0, now, None), values
+    token = _deadline.set(now + 0.1)  # an earlier deadline already in force wins
+    try:
+        assert read(b"250") == (now + 0.1, now, 0.25)
+    finally:
+        _deadline.reset(token)
+    assert DeadlineSettings("test", HEADER, None, None).deadline_in([(name, b"x")]) is None

@@ -5,7 +5,9 @@ httpx client, and pins one documented promise of ``CorrelationIdMiddleware``
 and ``ShedMiddleware``: a WSGI request's server span ends cleanly, every 500
 carries the correlation ID, a mounted app is shed on the path it routes, a
 non-ASCII prefix matches on WSGI, a request the sampler dropped gets no
-server span, and a path is always under one policy.
+server span, and a path is always under one policy. The correlation header's
+reading corners (repeats, generators, strict mode) run the ASGI middleware in
+process instead, where every header byte is the test's to choose.
 """
 
 from __future__ import annotations
@@ -288,3 +290,86 @@ async def test_a_request_cancelled_while_queued_for_a_slot_ends_its_span(spans: 
         await holder
     assert bulkhead.in_flight == 0
     assert len(spans.spans()) == 2
+
+
+# The correlation ID each request to _own_header_app saw.
+seen: list[str | None] = []
+
+
+async def _asgi_exchange(
+    app: Any, headers: Any
+) -> tuple[int, list[tuple[bytes, bytes]], str | None]:
+    """Status and response headers of one in-process request, and the ID the app saw."""
+    messages: list[dict[str, Any]] = []
+    seen.clear()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": headers}
+    await app(scope, receive, send)
+    start = messages[0]
+    return start["status"], list(start["headers"]), seen[-1] if seen else None
+
+
+async def _own_header_app(scope: Any, receive: Any, send: Any) -> None:
+    seen.append(reskit.correlation_id())
+    # Any iterable of pairs is ASGI's header list: a generator is read once.
+    own = [(b"content-type", b"text/plain"), (b"X-Request-ID", b"app-made"), (b"x-a", b"1")]
+    await send({"type": "http.response.start", "status": 200, "headers": iter(own)})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _ids(answer: list[tuple[bytes, bytes]]) -> list[bytes]:
+    return [value for key, value in answer if key.lower() == b"x-request-id"]
+
+
+async def test_correlation_header_corners() -> None:
+    """Read in one pass (in process, every corner): one valid ID is echoed as sent; two or
+    three, or an invalid one, are replaced; the app's own header is replaced in place."""
+    app = reskit.asgi.CorrelationIdMiddleware(_own_header_app)
+    name = b"x-request-id"
+
+    status, answer, cid = await _asgi_exchange(app, iter([(b"X-Request-ID", b"order-7.a_b")]))
+    assert status == 200
+    assert answer == [(b"content-type", b"text/plain"), (b"x-a", b"1"), (name, b"order-7.a_b")]
+    assert cid == "order-7.a_b"
+
+    for repeats in (2, 3):
+        _, answer, cid = await _asgi_exchange(app, [(name, b"same")] * repeats)
+        (echoed,) = _ids(answer)
+        assert echoed not in (b"same", b"app-made")
+        assert cid == echoed.decode("ascii")
+        assert reskit.valid_correlation_id(cid)
+
+    for bad in (b"", b"a b", b"abc\n", b"\xc3\xa9t\xc3\xa9", b"x" * 129, b"<b>"):
+        _, answer, cid = await _asgi_exchange(app, [(name, bad)])
+        (echoed,) = _ids(answer)
+        assert echoed != bad, bad
+        assert cid == echoed.decode("ascii")
+        assert reskit.valid_correlation_id(cid)
+
+
+async def test_correlation_strict_and_traceparent_corners() -> None:
+    strict = reskit.asgi.CorrelationIdMiddleware(_own_header_app, reject_invalid=True)
+    for headers in ([(b"x-request-id", b"a b")], iter([(b"x-request-id", b"a b")])):
+        status, answer, cid = await _asgi_exchange(strict, headers)
+        assert status == 400
+        assert cid is None  # the app did not run
+        (echoed,) = _ids(answer)
+        assert reskit.valid_correlation_id(echoed.decode("ascii"))
+    status, _, cid = await _asgi_exchange(strict, [(b"x-request-id", b"ok-1")])
+    assert (status, cid) == (200, "ok-1")
+
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = (b"traceparent", f"00-{trace}-00f067aa0ba902b7-01".encode("ascii"))
+    derived = reskit.asgi.CorrelationIdMiddleware(_own_header_app, from_traceparent=True)
+    for headers in ([parent], [parent, (b"x-request-id", b"a b")]):
+        _, answer, cid = await _asgi_exchange(derived, iter(headers))
+        assert cid == trace
+        assert _ids(answer) == [trace.encode("ascii")]
+    _, _, cid = await _asgi_exchange(derived, [parent, (b"x-request-id", b"mine")])
+    assert cid == "mine"

@@ -102,6 +102,8 @@ def bind_correlation_id(value: str | None = None) -> Iterator[str]:
 def enter_correlation_id(value: str) -> tuple[Token[str | None], dict[str, Any] | None]:
     """Bind a checked ID until :func:`exit_correlation_id`; what middleware uses per request."""
     token = _correlation_id.set(value)
+    if _STRUCTLOG_CONTEXTVARS not in sys.modules:
+        return token, None  # no structlog in this process: the usual case, without a call
     try:
         return token, _bind_for_logs(value)
     except BaseException:
@@ -113,7 +115,7 @@ def exit_correlation_id(tokens: tuple[Token[str | None], dict[str, Any] | None])
     token, log_tokens = tokens
     try:
         if log_tokens is not None:
-            sys.modules["structlog.contextvars"].reset_contextvars(**log_tokens)
+            sys.modules[_STRUCTLOG_CONTEXTVARS].reset_contextvars(**log_tokens)
     finally:
         _correlation_id.reset(token)
 
@@ -128,11 +130,14 @@ def adopt_correlation_id(value: str) -> None:
     _bind_for_logs(value)
 
 
+_STRUCTLOG_CONTEXTVARS = "structlog.contextvars"
+
+
 def _bind_for_logs(value: str) -> dict[str, Any] | None:
     """Bind ``correlation_id`` in structlog's context variables, if structlog is in use."""
     # Only an application that uses structlog has imported it; reskit does not. (It
     # may be half-imported by another thread: then it is not bound to yet.)
-    contextvars = sys.modules.get("structlog.contextvars")
+    contextvars = sys.modules.get(_STRUCTLOG_CONTEXTVARS)
     bind = getattr(contextvars, "bind_contextvars", None)
     if bind is None:
         return None

@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from . import _telemetry
+from . import _clock, _telemetry
 from ._config import seconds
 from ._context import CORRELATION_ID_PATTERN, _deadline, new_correlation_id
 from ._errors import BulkheadFull, Rejected
@@ -268,8 +268,14 @@ class DeadlineSettings:
             return self.default, None
         return self._grant(values[0].strip(" \t"))  # HTTP's whitespace around a value
 
-    def budget_in(self, pairs: Iterable[tuple[bytes, bytes]]) -> tuple[float | None, float | None]:
-        """:meth:`budget` read straight from ASGI header pairs, on every request's path."""
+    def deadline_in(
+        self, pairs: Iterable[tuple[bytes, bytes]]
+    ) -> tuple[float, float, float | None] | None:
+        """``(deadline, now, received)`` from ASGI header pairs, or ``None`` for no deadline.
+
+        :meth:`budget` and :meth:`until` in one call, on every request's path
+        (each call and tuple saved is a measurable part of the middleware's cost).
+        """
         key = self.key
         size = len(key)
         found = None
@@ -277,11 +283,28 @@ class DeadlineSettings:
             # As in header_values: the length first, then the name in any case.
             if len(name) == size and (name == key or name.lower() == key):
                 if found is not None:
-                    return self.default, None  # sent twice: ignored
+                    found = b""  # sent twice: ignored, as "" (no number) is
+                    break
                 found = value
         if found is None:
-            return self.default, None
-        return self._grant(found.strip(b" \t"))  # HTTP's whitespace around a value
+            budget, received = self.default, None
+        elif found.isdigit() and len(found) <= 10:
+            # The usual header, already clean: _grant's rule without the strip and the
+            # call (bytes.isdigit is true of ASCII digits only).
+            budget = received = int(found) / 1000.0
+            if self.maximum is not None and received > self.maximum:
+                budget = self.maximum
+        else:
+            budget, received = self._grant(found.strip(b" \t"))  # HTTP's whitespace
+        if budget is None:
+            return None
+        now = _clock.now()
+        # As until(): never past a deadline already in force.
+        when = now + budget
+        outer = _deadline.get()
+        if outer is not None and outer < when:
+            when = outer
+        return when, now, received
 
     def _grant(self, text: str | bytes) -> tuple[float | None, float | None]:
         """``(budget, received)`` for the header's one value, stripped (text or bytes)."""

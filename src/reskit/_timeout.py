@@ -125,7 +125,7 @@ def wheel_for(loop: asyncio.AbstractEventLoop) -> Wheel:
     """The wheel of ``loop`` on the current clock (cached for the loop used last)."""
     global _last_wheel
     last = _last_wheel
-    clock = _clock.current()
+    clock = _clock._current  # the attribute current() returns, without the call
     if last is not None and last.loop is loop and last.clock is clock:
         return last
     with _wheels_lock:

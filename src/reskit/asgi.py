@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from datetime import timedelta
@@ -24,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from . import _admin, _clock, _edge, _telemetry
 from . import _idempotency_http as _http
-from ._context import _deadline, enter_correlation_id, exit_correlation_id, new_correlation_id
+from ._context import (
+    CORRELATION_ID_PATTERN,
+    _deadline,
+    enter_correlation_id,
+    exit_correlation_id,
+    new_correlation_id,
+)
 from ._errors import Rejected, TimeoutExceeded
 from ._http import Problem
 from ._idempotency import IdempotencyStore, _keeper, _lost_claim, aclaim_shielded, store_for
@@ -48,6 +56,19 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# asyncio.current_task is Python code before 3.12: a call that looks up the running
+# loop and then reads this dict. Middleware that has the loop reads the dict itself.
+_current_task: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = (
+    asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+    if sys.version_info < (3, 12)
+    else asyncio.current_task
+)
+
+# CORRELATION_ID_PATTERN for the header's bytes (its classes are ASCII: the same test).
+_ID_BYTES = re.compile(
+    CORRELATION_ID_PATTERN.pattern.encode("ascii"), CORRELATION_ID_PATTERN.flags & ~re.UNICODE
+)
 
 # Server extensions that send a body from a file, past any middleware: hidden from an app
 # whose response is recorded, so it sends the body as messages the middleware can see.
@@ -435,35 +456,56 @@ class CorrelationIdMiddleware:
         settings = self.settings
         name = settings.key
         size = len(name)
-        values: list[str] = []
-        parents: list[str] = []
+        found = None  # the ID header's first value
+        more: list[bytes] | None = None  # its other values, when it came more than once
+        parents: list[str] | None = None
         for key, raw in scope.get("headers", ()):
             # As in _edge.header_values: the length rules out most names uncopied.
             length = len(key)
             if length == size and (key == name or key.lower() == name):
-                values.append(raw.decode("latin-1"))
+                if found is None:
+                    found = raw
+                elif more is None:
+                    more = [raw]
+                else:
+                    more.append(raw)
             elif length == 11 and (key == b"traceparent" or key.lower() == b"traceparent"):
+                if parents is None:
+                    parents = []
                 parents.append(raw.decode("latin-1"))
-        try:
-            cid = settings.choose(values, parents)
-        except Problem as problem:
-            code, answer, body = problem.response()
-            answer.append((settings.header, new_correlation_id()))
-            await _respond(send, code, answer, body)
-            return
-        value = cid.encode("ascii")
+        if found is not None and more is None and _ID_BYTES.fullmatch(found) is not None:
+            # The usual request: one valid ID, echoed as it came (choose()'s first rule,
+            # on the bytes, without the lists, the call and the re-encoding).
+            value = found
+            cid = found.decode("ascii")
+        else:
+            values = [] if found is None else [found, *(more or ())]
+            try:
+                cid = settings.choose([raw.decode("latin-1") for raw in values], parents or [])
+            except Problem as problem:
+                code, answer, body = problem.response()
+                answer.append((settings.header, new_correlation_id()))
+                await _respond(send, code, answer, body)
+                return
+            value = cid.encode("ascii")
         answered: list[int] = []  # the status, once the response starts
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 answered.append(message["status"])
-                headers = [
-                    pair
-                    for pair in message.get("headers", ())
-                    if len(pair[0]) != size or pair[0].lower() != name
-                ]
-                headers.append((name, value))
-                message["headers"] = headers
+                headers = message.get("headers", ())
+                if type(headers) is not list and type(headers) is not tuple:
+                    headers = list(headers)  # any iterable, read once
+                for pair in headers:
+                    if len(pair[0]) == size and pair[0].lower() == name:
+                        # The app set the header itself: ours replaces it, never doubles it.
+                        headers = [
+                            pair
+                            for pair in headers
+                            if len(pair[0]) != size or pair[0].lower() != name
+                        ]
+                        break
+                message["headers"] = [*headers, (name, value)]
             await send(message)
 
         tokens = enter_correlation_id(cid)
@@ -472,7 +514,7 @@ class CorrelationIdMiddleware:
         source = _edge.span_source()
         if source is not None:
             span = _server_span(
-                scope, {"reskit.correlation_id": cid}, propagated=bool(parents), source=source
+                scope, {"reskit.correlation_id": cid}, propagated=parents is not None, source=source
             )
         try:
             await self.app(scope, receive, send_with_id)
@@ -578,7 +620,14 @@ class ShedMiddleware:
             return
         key = None if self.tenant is None else _edge.check_tenant(self.tenant(scope))
         source = _edge.span_source()
-        span = None if source is None else _server_span(scope, source=source)
+        if source is None:
+            span = None
+        elif type(source) is _edge.ServerSpan:
+            # An outer middleware's span, as ServerSpan.begin would give it: added to,
+            # ended there (without gathering what a span of our own would need).
+            span = _edge.ServerSpan(source.span)
+        else:
+            span = _server_span(scope, source=source)
         # What policy.admit(key) makes, without its check of a key checked above.
         admission = Admission(policy, key)
         try:
@@ -600,16 +649,18 @@ class ShedMiddleware:
                 span.end(None, exc)
             raise
         answered: list[int] = []  # the status, once the response starts
+        watch = send
+        if span is not None and span.own:
+            # Only a span this middleware started needs the status from here; an outer
+            # middleware's (or the instrumentation's) span gets it where it was started.
 
-        async def watch(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                answered.append(message["status"])
-            await send(message)
+            async def watch(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    answered.append(message["status"])
+                await send(message)
 
-        # Only a span this middleware started needs the status from here; an outer
-        # middleware's (or the instrumentation's) span gets it where it was started.
         try:
-            await self.app(scope, receive, watch if span is not None and span.own else send)
+            await self.app(scope, receive, watch)
         except BaseException as exc:
             try:
                 admission._release(exc)
@@ -713,12 +764,11 @@ class DeadlineMiddleware:
             await self.app(scope, receive, send)
             return
         settings = self.settings
-        budget, received = settings.budget_in(scope.get("headers", ()))
-        if budget is None:
+        deadline = settings.deadline_in(scope.get("headers", ()))
+        if deadline is None:
             await self.app(scope, receive, send)
             return
-        now = _clock.now()
-        when = settings.until(now, budget)
+        when, now, received = deadline
         span = None
         source = _edge.span_source()
         if source is not None:
@@ -732,10 +782,11 @@ class DeadlineMiddleware:
                 state[0] = 504
                 await _respond(send, *_edge.deadline_spent(settings.header).response())
                 return
-            task = asyncio.current_task()
+            loop = asyncio.get_running_loop()
+            task = _current_task(loop)
             assert task is not None
             expiry = Expiry(task)
-            bucket = wheel_for(task.get_loop()).arm(expiry, when, grain_for(when - now))
+            bucket = wheel_for(loop).arm(expiry, when, grain_for(when - now))
             token = _deadline.set(when)
 
             async def watch(message: Message) -> None:
