@@ -50,6 +50,20 @@ def _fresh_failure_reports() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _structlog_as_found() -> Iterator[None]:
+    """structlog's configuration is the process's: what a test (or an example it imports)
+    configures is undone after it, so reskit's events go where the next test expects
+    (through structlog only once an application configured it)."""
+    configured = structlog.is_configured()
+    before = structlog.get_config()
+    yield
+    if structlog.is_configured() != configured or structlog.get_config() != before:
+        structlog.reset_defaults()
+        if configured:
+            structlog.configure(**before)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test starts on an empty memory store: no switch or level leaks between tests."""
     from reskit._store import configure
