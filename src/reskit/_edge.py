@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -47,7 +47,13 @@ _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}"
 _NO_TRACE = "0" * 32
 
 
-def trace_id_of(values: list[str]) -> str | None:
+# CORRELATION_ID_PATTERN for a header's bytes (its classes are ASCII: the same test).
+_ID_BYTES = re.compile(
+    CORRELATION_ID_PATTERN.pattern.encode("ascii"), CORRELATION_ID_PATTERN.flags & ~re.UNICODE
+)
+
+
+def trace_id_of(values: Sequence[str]) -> str | None:
     """The trace ID of a single valid W3C ``traceparent`` value, else ``None``."""
     if len(values) != 1:
         return None
@@ -85,16 +91,23 @@ class CorrelationSettings:
         self.use_traceparent = from_traceparent
         self.reject_invalid = reject_invalid
 
-    def choose(self, values: list[str], traceparents: list[str]) -> str:
+    def choose(self, values: Sequence[str] | Sequence[bytes], traceparents: Sequence[str]) -> str:
         """The request's correlation ID; raises :class:`Problem` for a bad one when strict.
 
         A value is adopted only when the header came once and matches
         ``[A-Za-z0-9._-]{1,128}``; repeated headers are never merged (a WSGI
-        server folds them with a comma, which the pattern refuses).
+        server folds them with a comma, which the pattern refuses). ``values``
+        are text (WSGI) or the header's bytes as ASGI gives them (no copy is
+        decoded for the usual request, whose one value is valid).
         """
-        # The values are text already: the pattern alone decides (valid_correlation_id).
-        if len(values) == 1 and CORRELATION_ID_PATTERN.fullmatch(values[0]) is not None:
-            return values[0]
+        if len(values) == 1:
+            # Known strings: the pattern alone decides (as valid_correlation_id does).
+            value = values[0]
+            if isinstance(value, bytes):
+                if _ID_BYTES.fullmatch(value) is not None:
+                    return value.decode("ascii")
+            elif CORRELATION_ID_PATTERN.fullmatch(value) is not None:
+                return value
         if self.use_traceparent:
             trace_id = trace_id_of(traceparents)
             if trace_id is not None:
@@ -256,26 +269,23 @@ class DeadlineSettings:
                 "default= or raise maximum="
             )
 
-    def budget(self, values: list[str]) -> tuple[float | None, float | None]:
-        """``(budget, received)`` in seconds: what the request gets, and what it asked for.
+    def deadline(self, values: list[str]) -> tuple[float, float, float | None] | None:
+        """``(deadline, now, received)`` for the header's ``values``, or ``None`` for none.
 
         The header counts only when sent once as whole milliseconds; anything
         else (negative, a fraction, text, twenty digits, a repeated header) is
         ignored as if absent. ``maximum`` caps what was received; without a
-        usable header the request gets ``default``.
+        usable header the request gets ``default``. ``received`` is what the
+        caller asked for (``None`` when it asked nothing usable).
         """
         if len(values) != 1:
-            return self.default, None
-        return self._grant(values[0].strip(" \t"))  # HTTP's whitespace around a value
+            return self._from_now(self.default, None)
+        return self._from_now(*self._grant(values[0].strip(" \t")))  # HTTP's whitespace
 
     def deadline_in(
         self, pairs: Iterable[tuple[bytes, bytes]]
     ) -> tuple[float, float, float | None] | None:
-        """``(deadline, now, received)`` from ASGI header pairs, or ``None`` for no deadline.
-
-        :meth:`budget` and :meth:`until` in one call, on every request's path
-        (each call and tuple saved is a measurable part of the middleware's cost).
-        """
+        """:meth:`deadline`, read straight from ASGI header pairs in one pass."""
         key = self.key
         size = len(key)
         found = None
@@ -287,24 +297,9 @@ class DeadlineSettings:
                     break
                 found = value
         if found is None:
-            budget, received = self.default, None
-        elif found.isdigit() and len(found) <= 10:
-            # The usual header, already clean: _grant's rule without the strip and the
-            # call (bytes.isdigit is true of ASCII digits only).
-            budget = received = int(found) / 1000.0
-            if self.maximum is not None and received > self.maximum:
-                budget = self.maximum
-        else:
-            budget, received = self._grant(found.strip(b" \t"))  # HTTP's whitespace
-        if budget is None:
-            return None
-        now = _clock.now()
-        # As until(): never past a deadline already in force.
-        when = now + budget
-        outer = _deadline.get()
-        if outer is not None and outer < when:
-            when = outer
-        return when, now, received
+            return self._from_now(self.default, None)
+        # A clean value (the usual one) has no whitespace to strip: no copy is made.
+        return self._from_now(*self._grant(found if found.isdigit() else found.strip(b" \t")))
 
     def _grant(self, text: str | bytes) -> tuple[float | None, float | None]:
         """``(budget, received)`` for the header's one value, stripped (text or bytes)."""
@@ -317,14 +312,22 @@ class DeadlineSettings:
             return self.maximum, received
         return received, received
 
-    def until(self, now: float, budget: float) -> float:
-        """The deadline of a request given ``budget`` seconds at ``now``.
+    @staticmethod
+    def _from_now(
+        budget: float | None, received: float | None
+    ) -> tuple[float, float, float | None] | None:
+        """``budget`` seconds from now as ``(deadline, now, received)``; ``None`` without one.
 
         It never reaches past a deadline already in force (a test, an outer app).
         """
+        if budget is None:
+            return None
+        now = _clock.now()
         when = now + budget
         outer = _deadline.get()
-        return outer if outer is not None and outer < when else when
+        if outer is not None and outer < when:
+            when = outer
+        return when, now, received
 
     @staticmethod
     def attributes(now: float, when: float, received: float | None) -> dict[str, Any]:
@@ -432,11 +435,7 @@ class ServerSpan:
         if source is None:
             return None
         if type(source) is ServerSpan:
-            # The outer middleware's span, recorded or sampled out alike: this request
-            # has its span, and a second one would start a trace of its own.
-            if attributes:
-                source.set(attributes)
-            return cls(source.span)
+            return source.inner(attributes)
         tracer: Any = source
         global _api
         try:
@@ -467,6 +466,16 @@ class ServerSpan:
         except Exception as exc:
             _telemetry.report("the OpenTelemetry tracer (starting a server span)", exc)
             return None
+
+    def inner(self, attributes: Mapping[str, Any] | None = None) -> ServerSpan:
+        """This span as a middleware inside the one that started it has it: added to, not ended.
+
+        Recorded or sampled out alike: the request has its span, and a second
+        one would start a trace of its own.
+        """
+        if attributes:
+            self.set(attributes)
+        return ServerSpan(self.span)
 
     def set(self, attributes: Mapping[str, Any]) -> None:
         if self.span.is_recording():

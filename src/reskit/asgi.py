@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
@@ -26,13 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _admin, _clock, _edge, _telemetry
 from . import _idempotency_http as _http
-from ._context import (
-    CORRELATION_ID_PATTERN,
-    _deadline,
-    enter_correlation_id,
-    exit_correlation_id,
-    new_correlation_id,
-)
+from ._context import _deadline, enter_correlation_id, exit_correlation_id, new_correlation_id
 from ._errors import Rejected, TimeoutExceeded
 from ._http import Problem
 from ._idempotency import IdempotencyStore, _keeper, _lost_claim, aclaim_shielded, store_for
@@ -63,11 +56,6 @@ _current_task: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] =
     asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
     if sys.version_info < (3, 12)
     else asyncio.current_task
-)
-
-# CORRELATION_ID_PATTERN for the header's bytes (its classes are ASCII: the same test).
-_ID_BYTES = re.compile(
-    CORRELATION_ID_PATTERN.pattern.encode("ascii"), CORRELATION_ID_PATTERN.flags & ~re.UNICODE
 )
 
 # Server extensions that send a body from a file, past any middleware: hidden from an app
@@ -473,21 +461,17 @@ class CorrelationIdMiddleware:
                 if parents is None:
                     parents = []
                 parents.append(raw.decode("latin-1"))
-        if found is not None and more is None and _ID_BYTES.fullmatch(found) is not None:
-            # The usual request: one valid ID, echoed as it came (choose()'s first rule,
-            # on the bytes, without the lists, the call and the re-encoding).
-            value = found
-            cid = found.decode("ascii")
-        else:
-            values = [] if found is None else [found, *(more or ())]
-            try:
-                cid = settings.choose([raw.decode("latin-1") for raw in values], parents or [])
-            except Problem as problem:
-                code, answer, body = problem.response()
-                answer.append((settings.header, new_correlation_id()))
-                await _respond(send, code, answer, body)
-                return
-            value = cid.encode("ascii")
+        try:
+            cid = settings.choose(
+                () if found is None else (found,) if more is None else (found, *more),
+                parents or (),
+            )
+        except Problem as problem:
+            code, answer, body = problem.response()
+            answer.append((settings.header, new_correlation_id()))
+            await _respond(send, code, answer, body)
+            return
+        value = cid.encode("ascii")
         answered: list[int] = []  # the status, once the response starts
 
         async def send_with_id(message: Message) -> None:
@@ -623,9 +607,7 @@ class ShedMiddleware:
         if source is None:
             span = None
         elif type(source) is _edge.ServerSpan:
-            # An outer middleware's span, as ServerSpan.begin would give it: added to,
-            # ended there (without gathering what a span of our own would need).
-            span = _edge.ServerSpan(source.span)
+            span = source.inner()  # without gathering what a span of our own would need
         else:
             span = _server_span(scope, source=source)
         # What policy.admit(key) makes, without its check of a key checked above.

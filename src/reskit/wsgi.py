@@ -773,24 +773,23 @@ class DeadlineMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Handle one request."""
         settings = self.settings
-        budget, received = settings.budget(_environ_values(environ, settings.wsgi_key))
-        if budget is None:
+        deadline = settings.deadline(_environ_values(environ, settings.wsgi_key))
+        if deadline is None:
             return self.app(environ, start_response)
         # The span, the deadline and the app all live in a context of the request's own:
         # a span begun in the server thread's context would outlive the request there.
         context = contextvars.copy_context()
-        return context.run(self._run, context, budget, received, environ, start_response)
+        return context.run(self._run, context, *deadline, environ, start_response)
 
     def _run(
         self,
         context: contextvars.Context,
-        budget: float,
+        when: float,
+        now: float,
         received: float | None,
         environ: WSGIEnvironment,
         start_response: StartResponse,
     ) -> Iterable[bytes]:
-        now = _clock.now()
-        when = self.settings.until(now, budget)
         span = None
         source = _edge.span_source()
         if source is not None:
