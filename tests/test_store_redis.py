@@ -553,10 +553,16 @@ def test_a_shared_breaker_recovers_when_redis_loses_its_state(
     admin.flushall()
     admin.close()
     clock.advance(31)
-    # Half-open here; the fleet's breaker is gone (closed, generation 0): the first
-    # call asks for a probe lease and learns that, and the breaker follows the fleet.
-    with pytest.raises(reskit.CircuitOpen):
-        policy.call(lambda: "probe")
+    if breaker.state is reskit.BreakerState.CLOSED:
+        # The echo of its own "opened" news was read after the flush (the subscriber
+        # thread reads it when it gets to it, later on a busy machine): that read already
+        # found the fleet's breaker gone and followed it.
+        assert policy.call(lambda: "probe") == "probe"
+    else:
+        # Half-open here; the fleet's breaker is gone (closed, generation 0): the first
+        # call asks for a probe lease and learns that, and the breaker follows the fleet.
+        with pytest.raises(reskit.CircuitOpen):
+            policy.call(lambda: "probe")
     assert store.flush(WAIT)
     assert breaker.state is reskit.BreakerState.CLOSED
     assert policy.call(lambda: "ok") == "ok"
