@@ -13,6 +13,13 @@ a little work, as the smallest real handler would). Three without tracing:
   carries ``X-Request-Timeout-Ms``, so each gets a deadline on reskit's timer
   wheel).
 
+For scale, the correlation ID part alone, from two libraries (each with its
+defaults; every request carries a valid ID, so neither makes one):
+
+- **correlation**: reskit's ``CorrelationIdMiddleware`` alone;
+- **asgi_correlation_id**: the ``CorrelationIdMiddleware`` of the
+  asgi-correlation-id package, the one most services use for this.
+
 And two with an OpenTelemetry SDK tracer provider (spans batched to an
 exporter that drops them: the cost in the service, not the network's):
 
@@ -33,8 +40,9 @@ gives its capacity. Budgets: ``stack / bare`` and ``stack_traced / traced`` at l
 0.9, ``deadline / bare`` at least 0.95 (the middleware adds at most 5% to a
 request's cost); ``--check`` exits 1 when one is below its budget divided by
 ``--margin``. Also printed, for scale: ``traced / bare`` (what the SDK's span
-costs by itself) and ``stack_traced / bare`` (what turning on tracing and the
-stack together cost an untraced service).
+costs by itself), ``stack_traced / bare`` (what turning on tracing and the
+stack together cost an untraced service), and each correlation middleware's
+own ratio to ``bare``.
 """
 
 from __future__ import annotations
@@ -127,6 +135,14 @@ SERVER = textwrap.dedent(
         from reskit.asgi import DeadlineMiddleware
 
         app = DeadlineMiddleware(app, maximum=30.0)
+    elif kind == "correlation":
+        from reskit.asgi import CorrelationIdMiddleware
+
+        app = CorrelationIdMiddleware(app)
+    elif kind == "asgi_correlation_id":
+        from asgi_correlation_id import CorrelationIdMiddleware
+
+        app = CorrelationIdMiddleware(app)
     print("listening", flush=True)
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
                 access_log=False)
@@ -136,7 +152,15 @@ SERVER = textwrap.dedent(
 
 # With two or more CPUs the servers share one and the load generator has another, so the
 # scheduler cannot put a server and the generator on one CPU in some rounds and not others.
-KINDS = ("bare", "stack", "deadline", "traced", "stack_traced")
+KINDS = (
+    "bare",
+    "stack",
+    "deadline",
+    "correlation",
+    "asgi_correlation_id",
+    "traced",
+    "stack_traced",
+)
 CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 SERVER_CPU = CPUS[-1] if len(CPUS) >= 2 else None
 LOAD_CPU = CPUS[0] if len(CPUS) >= 2 else None
@@ -179,7 +203,8 @@ def start(kind: str) -> tuple[subprocess.Popen[bytes], int]:
 async def _connection(port: int, until: float, counts: list[int], number: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     request = (
-        f"GET /api/orders/{number} HTTP/1.1\r\nHost: bench\r\nX-Request-ID: bench-{number}\r\n"
+        # The ID is 32 hex digits, as a UUID's: valid for both correlation middlewares.
+        f"GET /api/orders/{number} HTTP/1.1\r\nHost: bench\r\nX-Request-ID: {number:032x}\r\n"
         "X-Request-Timeout-Ms: 5000\r\n\r\n"
     ).encode()
     done = 0
@@ -262,7 +287,7 @@ def measure(rounds: int, seconds: float, connections: int, replicas: int) -> dic
         # far less moved by whatever else runs on the machine than requests per second.
         if result[f"{name}_cpu_us"]:
             result[f"{name}_cpu_ratio"] = result[f"{base}_cpu_us"] / result[f"{name}_cpu_us"]
-    for name in ("traced", "stack_traced"):
+    for name in ("traced", "stack_traced", "correlation", "asgi_correlation_id"):
         if result[f"{name}_cpu_us"]:
             result[f"{name}_vs_bare_cpu_ratio"] = result["bare_cpu_us"] / result[f"{name}_cpu_us"]
     return result
@@ -309,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "  for scale, against the bare app without tracing: the SDK's server span alone "
         f"x{figures.get('traced_vs_bare_cpu_ratio', 0.0):.3f}; tracing and the stack "
-        f"x{figures.get('stack_traced_vs_bare_cpu_ratio', 0.0):.3f}"
+        f"x{figures.get('stack_traced_vs_bare_cpu_ratio', 0.0):.3f}; a correlation ID alone, "
+        f"reskit's x{figures.get('correlation_vs_bare_cpu_ratio', 0.0):.3f}, "
+        f"asgi-correlation-id's x{figures.get('asgi_correlation_id_vs_bare_cpu_ratio', 0.0):.3f}"
     )
     if args.json:
         with open(args.json, "w") as out:

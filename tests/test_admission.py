@@ -268,3 +268,140 @@ async def test_the_flag_gates_of_an_admission_reject_before_the_bulkhead(
     await enter()
     assert bulkhead.in_flight == 0  # a refused entry never held a slot
     assert policy.statistics.rejections == {"kill_switch": 1, "brownout": 1}
+
+
+class _Recorded:
+    """A gate that keeps a permit (as a new row of the canonical order could), in a log."""
+
+    records = True
+
+    def __init__(self, name: str, log: list[tuple[Any, ...]], *, waits: bool = False) -> None:
+        self.name = name
+        self.log = log
+        self.waits = waits
+        self.refuse: BaseException | None = None
+        self.busy = False  # try_admit finds no free permit: the caller must queue
+
+    def admit(self, policy: str | None, key: str | None = None) -> str:
+        if self.refuse is not None:
+            raise self.refuse
+        return f"{self.name}-permit"
+
+    def try_admit(self, policy: str | None, key: str | None = None) -> str | None:
+        return None if self.busy else self.admit(policy, key)
+
+    async def admit_async(self, policy: str | None, key: str | None = None) -> str:
+        await asyncio.sleep(0)
+        self.log.append(("queued", self.name))
+        return self.admit(policy, key)
+
+    def record(self, permit: Any, exc: BaseException | None, duration: float) -> None:
+        self.log.append(("record", self.name, permit, type(exc).__name__, duration))
+
+
+def _outer(*gates: Any) -> Any:
+    from reskit._policy import OuterGates
+    from reskit._stats import Counters
+
+    outer = OuterGates.__new__(OuterGates)
+    outer.name = "custom"
+    outer.counters = Counters()
+    outer.gates = tuple((gate, None, gate.waits) for gate in gates)
+    return outer
+
+
+async def test_outer_gates_of_any_shape_queue_resume_and_give_back_innermost_first() -> None:
+    # The canonical order has one gate that keeps a permit (the bulkhead); a row added to
+    # it (docs/architecture.md) may add more. A pass queues at the gate that must wait,
+    # goes on from there, and gives every permit back innermost first.
+    from reskit._policy import Queued
+
+    log: list[tuple[Any, ...]] = []
+    first, waiting, last = _Recorded("a", log), _Recorded("b", log, waits=True), _Recorded("c", log)
+    outer = _outer(first, waiting, last)
+    waiting.busy = True
+    place = outer.enter(None)
+    assert isinstance(place, Queued)
+    assert (place.at, place.permits) == (1, [(first, "a-permit")])
+    permits = await outer.enter_queued(None, place)
+    assert permits == [(first, "a-permit"), (waiting, "b-permit"), (last, "c-permit")]
+    outer.leave(permits, 0.0, None)
+    assert [entry[:3] for entry in log] == [
+        ("queued", "b"),
+        ("record", "c", "c-permit"),
+        ("record", "b", "b-permit"),
+        ("record", "a", "a-permit"),
+    ]
+    assert (outer.counters.calls, outer.counters.attempts) == (1, 1)
+
+
+def test_a_refusal_gives_back_what_the_gates_before_it_granted() -> None:
+    log: list[tuple[Any, ...]] = []
+    first, second, third = _Recorded("a", log), _Recorded("b", log), _Recorded("c", log)
+    third.refuse = BulkheadFull("full", policy="custom")
+    outer = _outer(first, second, third)
+    with pytest.raises(BulkheadFull):
+        outer.enter(None)
+    assert log == [
+        ("record", "b", "b-permit", "BulkheadFull", 0.0),
+        ("record", "a", "a-permit", "BulkheadFull", 0.0),
+    ]
+    assert outer.counters.attempts == 0
+
+
+def test_every_permit_is_given_back_when_a_record_raises_and_the_first_error_wins() -> None:
+    log: list[tuple[Any, ...]] = []
+
+    class Faulty(_Recorded):
+        def record(self, permit: Any, exc: BaseException | None, duration: float) -> None:
+            super().record(permit, exc, duration)
+            raise RuntimeError(f"{self.name} failed")
+
+    first, second, third = Faulty("a", log), _Recorded("b", log), Faulty("c", log)
+    outer = _outer(first, second, third)
+    permits = outer.enter(None, block=True)
+    with pytest.raises(RuntimeError, match="c failed"):
+        outer.leave(permits, 0.0, None)
+    assert [entry[1] for entry in log] == ["c", "b", "a"]
+
+
+async def test_a_gate_in_two_rows_queues_at_the_row_that_must_wait() -> None:
+    # One gate object may sit in two rows (brownout_gate hands out one shared gate per
+    # threshold): the pass resumes at the row that queued, never at the gate's first row.
+    log: list[tuple[Any, ...]] = []
+    shared, middle = _Recorded("w", log, waits=True), _Recorded("m", log)
+    outer = _outer(shared, middle, shared)
+    outcomes = iter(["w-first", None])  # free at the first row, busy at the third
+
+    def try_admit(policy: str | None, key: str | None = None) -> str | None:
+        return next(outcomes)
+
+    shared.try_admit = try_admit  # type: ignore[method-assign]
+    place = outer.enter(None)
+    assert place.at == 2
+    permits = await outer.enter_queued(None, place)
+    assert [permit for _, permit in permits] == ["w-first", "m-permit", "w-permit"]
+    outer.leave(permits, 0.0, None)
+    assert [entry[2] for entry in log if entry[0] == "record"] == [
+        "w-permit",
+        "m-permit",
+        "w-first",
+    ]
+
+
+def test_a_refusal_gives_every_permit_back_and_is_counted_when_a_record_raises() -> None:
+    log: list[tuple[Any, ...]] = []
+
+    class Faulty(_Recorded):
+        def record(self, permit: Any, exc: BaseException | None, duration: float) -> None:
+            super().record(permit, exc, duration)
+            raise RuntimeError("record failed")
+
+    first, second, third = _Recorded("a", log), Faulty("b", log), _Recorded("c", log)
+    third.refuse = BulkheadFull("full", policy="custom")
+    outer = _outer(first, second, third)
+    with pytest.raises(RuntimeError, match="record failed") as raised:
+        outer.enter(None)
+    assert isinstance(raised.value.__context__, BulkheadFull)
+    assert [entry[1] for entry in log] == ["b", "a"]  # the outer permit was not stranded
+    assert outer.counters.snapshot().rejections == {"bulkhead": 1}

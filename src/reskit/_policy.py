@@ -183,7 +183,7 @@ class Policy(Frozen):
     shed_at: int | None
     fallback: Fallback | None
     _counters: Counters
-    _outer: tuple[Any, ...] | None
+    _outer: OuterGates | None
     _runner: Runner | None
     _runners: dict[str, Runner]
     _runners_lock: threading.Lock
@@ -323,7 +323,7 @@ class Policy(Frozen):
         the permits back on exit (error and cancellation included) and reports
         how the block ended, and how long it took, to the bulkhead's adaptive
         limit. Timeouts, retries and the fallback do not apply: there is no
-        function to time, repeat or replace. Middleware is built on it.
+        function to time, repeat or replace. ``ShedMiddleware`` admits requests by the same rules.
 
         .. versionadded:: 0.1.0
         """
@@ -425,8 +425,149 @@ def _describe(fn: Callable[..., Any]) -> str:
     return f"{type(fn).__qualname__} object (its __call__)"
 
 
-# What an admission's permits become once released (never appended to).
-_GIVEN_BACK: list[Any] = []
+class OuterGates:
+    """A policy's outer gates (kill switch, brownout shed, bulkhead), as admissions pass them.
+
+    Found once per policy (:meth:`of`) and shared by every admission.
+    Middleware admits through these methods directly, without an
+    :class:`Admission` object per request; ``policy.admit()`` wraps the same
+    methods, so the rules below are written once.
+
+    A pass returns the permits of the gates that keep one (the bulkhead), as a
+    list of ``(gate, permit)``, or a :class:`Queued` place when a gate must
+    wait; :meth:`leave` gives the permits back.
+    """
+
+    __slots__ = ("counters", "gates", "name")
+
+    def __init__(self, policy: Policy) -> None:
+        self.name = policy.name if policy.name is not None else "admission"
+        self.counters = policy._counters
+        gates = []
+        for row in outer_gates():
+            assert row.keyword is not None
+            value = getattr(policy, row.keyword)
+            if value is not None:
+                gate = row.gate(value) if row.gate is not None else value
+                # The gate protocol's flag gates (kill switch, brownout) keep no
+                # permit: their flag is read inline and admit asked only while it
+                # is up, as the compiled drivers do.
+                flag = None if getattr(gate, "records", True) else gate.flag
+                gates.append((gate, flag, bool(gate.waits)))
+        #: (gate, its flag or None, whether it may queue), in the canonical order.
+        self.gates: tuple[tuple[Any, Any, bool], ...] = tuple(gates)
+
+    @staticmethod
+    def of(policy: Policy) -> OuterGates:
+        """The outer gates of ``policy``, found on first use and kept on it."""
+        gates = policy._outer
+        if gates is None:
+            gates = OuterGates(policy)
+            object.__setattr__(policy, "_outer", gates)
+        return gates
+
+    def enter(self, key: str | None, *, block: bool = False) -> list[Any] | Queued:
+        """Pass the gates: the permits, or a :class:`Queued` place when one must wait.
+
+        Raises the refusing gate's rejection, after giving back what the gates
+        before it granted. After a :class:`Queued`, finish with
+        :meth:`enter_queued`; after permits, end with :meth:`leave`. With
+        ``block`` (a ``with`` block) a gate that must queue blocks this thread
+        in its ``admit`` instead, and the permits always come back.
+        """
+        # Notices telemetry configured since the last look, so the gates' gauges
+        # appear for code that only admits (as a decorated call would).
+        _telemetry.sink()
+        self.counters.calls += 1
+        return self._pass(key, 0, [], block)
+
+    async def enter_queued(self, key: str | None, place: Queued) -> list[Any]:
+        """Wait at the gate :meth:`enter` stopped at, then pass the rest (which may queue too)."""
+        while True:
+            gate = self.gates[place.at][0]
+            permits = place.permits
+            try:
+                permits.append((gate, await gate.admit_async(self.name, key)))
+            except BaseException as exc:
+                self._refused(permits, exc)
+                raise
+            found = self._pass(key, place.at + 1, permits, False)
+            if not isinstance(found, Queued):
+                return found
+            place = found
+
+    def _pass(
+        self, key: str | None, at: int, permits: list[Any], block: bool
+    ) -> list[Any] | Queued:
+        name = self.name
+        gates = self.gates
+        try:
+            for row in gates[at:] if at else gates:
+                gate, flag, waits = row
+                if flag is not None:
+                    if flag.up:
+                        gate.admit(name, key)
+                elif waits and not block:
+                    permit = gate.try_admit(name, key)
+                    if permit is None:
+                        # The row's place is found only here: counting rows would cost
+                        # every free pass. (Rows, not gates: one gate may sit in two.)
+                        stop = next(i for i in range(at, len(gates)) if gates[i] is row)
+                        return Queued(stop, permits)
+                    permits.append((gate, permit))
+                else:
+                    permits.append((gate, gate.admit(name, key)))
+        except BaseException as exc:
+            self._refused(permits, exc)
+            raise
+        self.counters.attempts += 1
+        return permits
+
+    def _refused(self, permits: list[Any], exc: BaseException) -> None:
+        # Counted first: a gate whose record raises below cannot hide the refusal.
+        self.counters.ended(exc)
+        _give_back(permits, exc, 0.0)
+
+    def leave(self, permits: list[Any], started: float, exc: BaseException | None) -> None:
+        """Give the permits back; ``exc`` is how the block ended, ``started`` when it began."""
+        if exc is not None:
+            self.counters.ended(exc)
+        if len(permits) == 1:  # the usual case (one bulkhead), without the loop below
+            gate, permit = permits[0]
+            gate.record(permit, exc, _clock.now() - started)
+        elif permits:
+            _give_back(permits, exc, _clock.now() - started)
+
+
+def _give_back(permits: list[Any], exc: BaseException | None, duration: float) -> None:
+    """Record every permit, innermost first, even if a gate's record raises.
+
+    A faulty custom gate or adaptive limit must not strand the permits further
+    out; the first such error is raised once all are back.
+    """
+    error: BaseException | None = None
+    for gate, permit in reversed(permits):
+        try:
+            gate.record(permit, exc, duration)
+        except BaseException as failed:
+            if error is None:
+                error = failed
+    if error is not None:
+        raise error
+
+
+class Queued:
+    """Where a pass of :class:`OuterGates` stopped: the gate that must queue, the permits so far."""
+
+    __slots__ = ("at", "permits")
+
+    def __init__(self, at: int, permits: list[Any]) -> None:
+        self.at = at
+        self.permits = permits
+
+
+# An admission's states: not entered yet, holding its permit, done (released or refused).
+_FRESH, _HELD, _DONE = 0, 1, 2
 
 
 class Admission:
@@ -437,140 +578,47 @@ class Admission:
     .. versionadded:: 0.1.0
     """
 
-    __slots__ = ("_gates", "_key", "_name", "_permits", "_policy", "_started")
+    __slots__ = ("_gates", "_key", "_permits", "_started", "_state")
 
     def __init__(self, policy: Policy, key: str | None) -> None:
-        self._policy = policy
+        self._gates = OuterGates.of(policy)
         self._key = key
-        self._name = policy.name if policy.name is not None else "admission"
-        gates = policy._outer
-        if gates is None:
-            found = []
-            for row in outer_gates():
-                assert row.keyword is not None
-                value = getattr(policy, row.keyword)
-                if value is not None:
-                    gate = row.gate(value) if row.gate is not None else value
-                    # The gate protocol's flag gates (kill switch, brownout) keep no
-                    # permit: their flag is read inline and admit asked only while it
-                    # is up, as the compiled drivers do.
-                    flag = None if getattr(gate, "records", True) else gate.flag
-                    found.append((gate, flag, bool(gate.waits)))
-            gates = tuple(found)
-            object.__setattr__(policy, "_outer", gates)
-        #: (gate, its flag or None, whether it may queue), in the canonical order.
-        self._gates: tuple[tuple[Any, Any, bool], ...] = gates
-        self._permits: list[Any] | None = None
+        self._state = _FRESH
+        self._permits: list[Any] = []
         self._started = 0.0
 
-    def _begin(self) -> list[Any]:
-        if self._permits is not None:
+    def _begin(self) -> None:
+        if self._state != _FRESH:
             raise RuntimeError("a policy admission is used once; call policy.admit() again")
-        # Notices telemetry configured since the last look, so the gates' gauges
-        # appear for code that only admits (as a decorated call would).
-        _telemetry.sink()
-        self._policy._counters.calls += 1
-        self._permits = []
-        return self._permits
+        # Refused until entered: a refusal leaves nothing to give back.
+        self._state = _DONE
 
-    def _refused(self, exc: BaseException) -> None:
-        # Give back what the gates before the refusing one granted, innermost first.
-        permits = self._permits or []
-        self._permits = _GIVEN_BACK
-        granted = self._gates[: len(permits)]
-        for (gate, flag, _), permit in zip(reversed(granted), reversed(permits), strict=True):
-            if flag is None:
-                gate.record(permit, exc, 0.0)
-        self._policy._counters.ended(exc)
+    def _held(self, permits: list[Any]) -> None:
+        self._permits = permits
+        self._started = _clock.now()
+        self._state = _HELD
 
     def __enter__(self) -> Admission:
         self._begin()
-        self._enter_from(0, block=True)
+        permits = self._gates.enter(self._key, block=True)
+        assert not isinstance(permits, Queued)  # a blocking pass always ends with its permits
+        self._held(permits)
         return self
 
     async def __aenter__(self) -> Admission:
-        if not self._enter_at_once():
-            await self._enter_waiting()
+        self._begin()
+        gates = self._gates
+        permits = gates.enter(self._key)
+        if isinstance(permits, Queued):
+            permits = await gates.enter_queued(self._key, permits)
+        self._held(permits)
         return self
 
-    def _enter_at_once(self) -> bool:
-        """Enter without awaiting, if every gate grants at once; False when one must queue.
-
-        Then :meth:`_enter_waiting` goes on from that gate. Split from
-        :meth:`__aenter__` so middleware admits a request without making a
-        coroutine for it, as the compiled drivers do: a free permit is the
-        common case, and a coroutine per request is a measurable part of the
-        cost of a small one.
-        """
-        self._begin()
-        return self._enter_from(0)
-
-    async def _enter_waiting(self) -> None:
-        """Finish an entry :meth:`_enter_at_once` left at a gate that must queue."""
-        permits = self._permits
-        assert permits is not None
-        while True:
-            at = len(permits)
-            try:
-                permits.append(await self._gates[at][0].admit_async(self._name, self._key))
-            except BaseException as exc:
-                self._refused(exc)
-                raise
-            if self._enter_from(at + 1):
-                return
-
-    def _enter_from(self, at: int, *, block: bool = False) -> bool:
-        """Enter the gates from number ``at`` on; False at one that must queue.
-
-        With ``block`` (a ``with`` block) a gate that must queue blocks this
-        thread in its ``admit`` instead, and the entry always completes.
-        """
-        permits = self._permits
-        assert permits is not None
-        name = self._name
-        key = self._key
-        try:
-            for gate, flag, waits in self._gates[at:]:
-                if flag is not None:
-                    if flag.up:
-                        gate.admit(name, key)
-                    permit = None
-                elif waits and not block:
-                    permit = gate.try_admit(name, key)
-                    if permit is None:
-                        return False
-                else:
-                    permit = gate.admit(name, key)
-                permits.append(permit)
-        except BaseException as exc:
-            self._refused(exc)
-            raise
-        self._policy._counters.attempts += 1
-        self._started = _clock.now()
-        return True
-
     def _release(self, exc: BaseException | None) -> None:
-        permits = self._permits
-        if permits is None or permits is _GIVEN_BACK:
+        if self._state != _HELD:
             return  # never admitted, or released already: nothing to give back twice
-        self._permits = _GIVEN_BACK
-        duration = _clock.now() - self._started
-        if exc is not None:
-            self._policy._counters.ended(exc)
-        gates = self._gates
-        # Every permit is given back, innermost first, even if a gate's record raises
-        # (a faulty custom adaptive limit); the first such error is raised afterwards.
-        error: BaseException | None = None
-        for index in range(len(permits) - 1, -1, -1):
-            gate, flag, _ = gates[index]
-            if flag is None:
-                try:
-                    gate.record(permits[index], exc, duration)
-                except BaseException as failed:
-                    if error is None:
-                        error = failed
-        if error is not None:
-            raise error
+        self._state = _DONE
+        self._gates.leave(self._permits, self._started, exc)
 
     def __exit__(
         self,

@@ -29,7 +29,7 @@ from ._context import _deadline, enter_correlation_id, exit_correlation_id, new_
 from ._errors import Rejected, TimeoutExceeded
 from ._http import Problem
 from ._idempotency import IdempotencyStore, _keeper, _lost_claim, aclaim_shielded, store_for
-from ._policy import Admission
+from ._policy import OuterGates, Queued
 from ._timeout import Expiry, expired, grain_for, settle, wheel_for
 
 if TYPE_CHECKING:
@@ -537,8 +537,8 @@ class ShedMiddleware:
 
     ``routes`` maps path prefixes to :class:`~reskit.Policy` objects; a request
     runs under the policy of the longest prefix it is under (``"/api"`` covers
-    ``/api`` and ``/api/orders``, not ``/apiary``), inside
-    ``async with policy.admit(tenant)``: the policy's kill switch, its brownout
+    ``/api`` and ``/api/orders``, not ``/apiary``), admitted as
+    ``async with policy.admit(tenant)`` would admit it: the policy's kill switch, its brownout
     ``shed_at`` and its bulkhead (with its adaptive limit, which learns from
     each request's duration) decide before the app runs. A request the policy
     refuses is answered without running the app:
@@ -610,11 +610,13 @@ class ShedMiddleware:
             span = source.inner()  # without gathering what a span of our own would need
         else:
             span = _server_span(scope, source=source)
-        # What policy.admit(key) makes, without its check of a key checked above.
-        admission = Admission(policy, key)
+        # What policy.admit(key) does, without an object per request (nor its check of
+        # a key checked above).
+        gates = OuterGates.of(policy)
         try:
-            if not admission._enter_at_once():
-                await admission._enter_waiting()
+            permits = gates.enter(key)
+            if isinstance(permits, Queued):
+                permits = await gates.enter_queued(key, permits)
         except Rejected as exc:
             problem = _edge.rejection(exc, self.retry_after)
             if span is not None:
@@ -630,6 +632,7 @@ class ShedMiddleware:
             if span is not None:
                 span.end(None, exc)
             raise
+        started = _clock.now()
         answered: list[int] = []  # the status, once the response starts
         watch = send
         if span is not None and span.own:
@@ -645,13 +648,13 @@ class ShedMiddleware:
             await self.app(scope, receive, watch)
         except BaseException as exc:
             try:
-                admission._release(exc)
+                gates.leave(permits, started, exc)
             finally:
                 if span is not None:
                     span.end(answered[0] if answered else None, exc)
             raise
         try:
-            admission._release(None)
+            gates.leave(permits, started, None)
         finally:
             if span is not None:
                 span.end(answered[0] if answered else None, None)
