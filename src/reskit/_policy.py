@@ -323,7 +323,8 @@ class Policy(Frozen):
         the permits back on exit (error and cancellation included) and reports
         how the block ended, and how long it took, to the bulkhead's adaptive
         limit. Timeouts, retries and the fallback do not apply: there is no
-        function to time, repeat or replace. ``ShedMiddleware`` admits requests by the same rules.
+        function to time, repeat or replace. ``ShedMiddleware`` admits requests by
+        the same rules.
 
         .. versionadded:: 0.1.0
         """
@@ -566,7 +567,7 @@ class Queued:
         self.permits = permits
 
 
-# An admission's states: not entered yet, holding its permit, done (released or refused).
+# An admission's states: not entered yet, holding its permits, done (released or refused).
 _FRESH, _HELD, _DONE = 0, 1, 2
 
 

@@ -538,10 +538,10 @@ class ShedMiddleware:
     ``routes`` maps path prefixes to :class:`~reskit.Policy` objects; a request
     runs under the policy of the longest prefix it is under (``"/api"`` covers
     ``/api`` and ``/api/orders``, not ``/apiary``), admitted as
-    ``async with policy.admit(tenant)`` would admit it: the policy's kill switch, its brownout
-    ``shed_at`` and its bulkhead (with its adaptive limit, which learns from
-    each request's duration) decide before the app runs. A request the policy
-    refuses is answered without running the app:
+    ``async with policy.admit(tenant)`` would admit it: the policy's kill
+    switch, its brownout ``shed_at`` and its bulkhead (with its adaptive limit,
+    which learns from each request's duration) decide before the app runs. A
+    request the policy refuses is answered without running the app:
 
     - 503 with ``Retry-After`` when the feature is killed, the brownout level
       sheds it or the bulkhead is full;
