@@ -1,6 +1,6 @@
 """What the edge middleware costs a service in requests per second, against the bare app.
 
-Five kinds of uvicorn server run the same Starlette app (a JSON endpoint that does
+Seven kinds of uvicorn server run the same Starlette app (a JSON endpoint that does
 a little work, as the smallest real handler would). Three without tracing:
 
 - **bare**: the app alone;
@@ -18,7 +18,7 @@ defaults; every request carries a valid ID, so neither makes one):
 
 - **correlation**: reskit's ``CorrelationIdMiddleware`` alone;
 - **asgi_correlation_id**: the ``CorrelationIdMiddleware`` of the
-  asgi-correlation-id package, the one most services use for this.
+  asgi-correlation-id package.
 
 And two with an OpenTelemetry SDK tracer provider (spans batched to an
 exporter that drops them: the cost in the service, not the network's):

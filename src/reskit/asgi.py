@@ -604,12 +604,7 @@ class ShedMiddleware:
             return
         key = None if self.tenant is None else _edge.check_tenant(self.tenant(scope))
         source = _edge.span_source()
-        if source is None:
-            span = None
-        elif type(source) is _edge.ServerSpan:
-            span = source.inner()  # without gathering what a span of our own would need
-        else:
-            span = _server_span(scope, source=source)
+        span = None if source is None else _server_span(scope, source=source)
         # What policy.admit(key) does, without an object per request (nor its check of
         # a key checked above).
         gates = OuterGates.of(policy)
